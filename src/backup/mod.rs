@@ -1,0 +1,3 @@
+//! Taking backups: logical (pg_dump) and, later, physical (base backups).
+
+pub mod logical;

@@ -1,0 +1,146 @@
+//! Command-line definitions (clap derive) and output rendering. No logic lives here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "drctl", version, about = "Disaster recovery and backup orchestration for PostgreSQL")]
+pub struct Cli {
+    /// Config file (else DRCTL_CONFIG, else /etc/drctl/drctl.toml).
+    #[arg(long, global = true, env = "DRCTL_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Take a backup.
+    Backup(BackupArgs),
+    /// List the backups in the repository.
+    List,
+    /// Re-read every object of every backup (or one) and check size and SHA-256.
+    Verify(VerifyArgs),
+    /// Restore a backup.
+    Restore(RestoreArgs),
+    /// Run the guided demo on a throwaway cluster and a local repository.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum BackupType {
+    Logical,
+    Physical,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Backup type.
+    #[arg(long = "type", value_enum)]
+    pub kind: BackupType,
+    /// Database to dump (repeatable). Default: every database that accepts connections.
+    #[arg(long = "database", short = 'd')]
+    pub databases: Vec<String>,
+    /// Do not record exact per-table row counts.
+    #[arg(long)]
+    pub no_row_counts: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Verify only this backup.
+    pub backup_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Restore a logical backup into a new database.
+    #[arg(long, required = true)]
+    pub logical: bool,
+    /// Backup id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub backup: String,
+    /// Database inside the backup.
+    #[arg(long)]
+    pub database: String,
+    /// Name of the database to create.
+    #[arg(long)]
+    pub target_database: String,
+    /// Restore to another server (default: the configured one).
+    #[arg(long)]
+    pub target_host: Option<String>,
+    #[arg(long)]
+    pub target_port: Option<u16>,
+    /// Parallel pg_restore jobs.
+    #[arg(long, default_value_t = 1)]
+    pub jobs: u32,
+    /// Replace the target database if it exists.
+    #[arg(long)]
+    pub clean: bool,
+    /// Do not restore object ownership (for targets without the source's roles).
+    #[arg(long)]
+    pub no_owner: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's cluster and repository (prints where).
+    #[arg(long)]
+    pub keep: bool,
+    /// Rows of sample data.
+    #[arg(long, default_value_t = 20000)]
+    pub rows: u32,
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Renders rows as an aligned text table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|s| s.to_string()).collect())];
+    for r in rows {
+        out.push(line(r.clone()));
+    }
+    out.join("\n")
+}

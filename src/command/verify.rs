@@ -1,0 +1,38 @@
+//! `drctl verify [BACKUP_ID]`: exits 0 only if every object matches its manifest.
+
+use super::{Ctx, Output};
+use crate::cli::{human_bytes, table};
+use crate::error::{ExitCode, Result};
+use crate::verify;
+
+pub async fn run(ctx: &Ctx, backup: Option<&str>) -> Result<Output> {
+    let repo = ctx.repo().await?;
+    let report = verify::verify(&repo, backup).await?;
+    let mut lines = Vec::new();
+    let rows: Vec<Vec<String>> = report
+        .backups
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.objects.to_string(),
+                human_bytes(b.bytes),
+                if b.ok { "ok".into() } else { "FAILED".into() },
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        lines.push("no backups to verify".to_string());
+    } else {
+        lines.push(table(&["BACKUP", "OBJECTS", "STORED", "RESULT"], &rows));
+    }
+    for p in &report.problems {
+        lines.push(format!("{}: {} {:?}: {}", p.backup, p.key, p.problem, p.detail));
+    }
+    let ok = report.ok();
+    Ok(Output {
+        json: serde_json::json!({ "ok": ok, "backups": report.backups, "problems": report.problems }),
+        human: lines.join("\n"),
+        exit: if ok { ExitCode::Ok } else { ExitCode::Corruption },
+    })
+}

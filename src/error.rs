@@ -1,0 +1,104 @@
+//! Errors and exit codes.
+//!
+//! Policy: library code returns [`Error`]; each variant maps to one fixed exit code (listed in
+//! the README and in [`ExitCode`]), carries a message that says what went wrong and, where we
+//! know it, what to do. `anyhow` is not used below the binary.
+
+use crate::storage::StorageError;
+
+/// Fixed process exit codes. Scripts rely on these; never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ExitCode {
+    Ok = 0,
+    /// Anything not covered below (a failed pg_dump, an I/O error on local disk...).
+    Failure = 1,
+    /// Bad command-line usage.
+    Usage = 2,
+    /// Bad or unreadable configuration.
+    Config = 3,
+    /// PostgreSQL could not be reached or refused the connection.
+    Connection = 4,
+    /// The repository's storage could not be reached, refused access, or has no bucket.
+    Storage = 5,
+    /// Verification found corrupt, truncated or missing objects.
+    Corruption = 6,
+    /// The requested backup (or other named thing) does not exist.
+    NotFound = 7,
+    /// The target already exists (use --clean) or another precondition failed.
+    Conflict = 8,
+}
+
+impl ExitCode {
+    pub fn code(self) -> i32 {
+        self as i32
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("cannot connect to PostgreSQL at {target}: {message}")]
+    Connect { target: String, message: String },
+    #[error("PostgreSQL: {context}: {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("repository: {0}")]
+    Storage(#[from] StorageError),
+    #[error("corruption: {0}")]
+    Corruption(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Usage(_) => ExitCode::Usage,
+            Error::Config(_) => ExitCode::Config,
+            Error::Connect { .. } => ExitCode::Connection,
+            Error::Postgres { source, .. } if source.is_closed() || source.code().is_none() => {
+                ExitCode::Connection
+            }
+            Error::Postgres { .. } => ExitCode::Failure,
+            Error::Storage(StorageError::NotFound(_)) => ExitCode::NotFound,
+            Error::Storage(_) => ExitCode::Storage,
+            Error::Corruption(_) => ExitCode::Corruption,
+            Error::NotFound(_) => ExitCode::NotFound,
+            Error::Conflict(_) => ExitCode::Conflict,
+            Error::Io { .. } | Error::Failed(_) => ExitCode::Failure,
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn pg(context: impl Into<String>, source: tokio_postgres::Error) -> Error {
+        Error::Postgres {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,18 @@
+//! drctl: disaster recovery and backup orchestration for PostgreSQL.
+//!
+//! Layers, top to bottom (dependencies point down only): `cli` (clap definitions, rendering)
+//! and `command` (one module per verb), the domain (`backup`, `restore`, `verify`), `repo`
+//! (repository layout, manifests), `pipeline` (checksummed, compressed streaming), `storage`
+//! (fs and S3 drivers and their decorators), `pg` (PostgreSQL access and cluster control).
+
+pub mod backup;
+pub mod cli;
+pub mod command;
+pub mod config;
+pub mod error;
+pub mod pg;
+pub mod pipeline;
+pub mod repo;
+pub mod restore;
+pub mod storage;
+pub mod verify;

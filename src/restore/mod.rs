@@ -1,0 +1,3 @@
+//! Restoring: logical (pg_restore into a new database) and, later, physical PITR.
+
+pub mod logical;

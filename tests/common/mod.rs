@@ -1,0 +1,154 @@
+//! Test harness: throwaway PostgreSQL clusters (initdb in temp dirs, free ports, sockets in
+//! the temp dir, as `postgres` when run as root), a real S3 server, and a runner for the
+//! `drctl` binary with a generated config.
+#![allow(dead_code)]
+
+pub mod s3server;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use drctl::pg::cluster::TempCluster;
+use drctl::pg::{Binaries, Endpoint};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub fn bins() -> Binaries {
+    let dir = std::env::var("DRCTL_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN.to_string());
+    Binaries::locate(Some(Path::new(&dir)))
+}
+
+/// A cluster for one test, with `fsync = off` for speed and WAL archiving optional.
+pub fn cluster(extra_conf: &str) -> TempCluster {
+    TempCluster::start(bins(), &format!("fsync = off\nmax_connections = 40\n{extra_conf}")).expect("start test cluster")
+}
+
+pub async fn sql(ep: &Endpoint, db: &str, q: &str) {
+    let c = ep.connect(db).await.expect("connect");
+    c.batch_execute(q).await.unwrap_or_else(|e| panic!("{q}: {e:?}"));
+}
+
+pub async fn query_i64(ep: &Endpoint, db: &str, q: &str) -> i64 {
+    let c = ep.connect(db).await.expect("connect");
+    c.query_one(q, &[]).await.unwrap_or_else(|e| panic!("{q}: {e:?}")).get(0)
+}
+
+/// Where a test's repository lives.
+pub enum RepoKind {
+    Fs,
+    S3,
+}
+
+/// A test environment: a config file pointing at `cluster` and a repository.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub repo_dir: PathBuf,
+    pub s3: Option<s3server::S3Server>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new(ep: &Endpoint, kind: RepoKind) -> Env {
+        Self::with_extra(ep, kind, "")
+    }
+
+    pub fn with_extra(ep: &Endpoint, kind: RepoKind, extra_toml: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let repo_dir = dir.path().join("repo");
+        let (repo_toml, s3, extra_env) = match kind {
+            RepoKind::Fs => (
+                format!("[repository]\nkind = \"fs\"\npath = \"{}\"\n", repo_dir.display()),
+                None,
+                vec![],
+            ),
+            RepoKind::S3 => {
+                let s = s3server::S3Server::start_blocking();
+                let toml = format!(
+                    "[repository]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"pfx\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nforce-path-style = true\npart-size-mib = 5\nmax-attempts = 2\n",
+                    s.bucket, s.endpoint
+                );
+                let env = s.env();
+                (toml, Some(s), env)
+            }
+        };
+        let text = format!(
+            "stanza = \"test\"\nspool-dir = \"{spool}\"\n[postgres]\nhost = \"{host}\"\nport = {port}\nuser = \"postgres\"\nbin-dir = \"{bin}\"\n{repo_toml}\n[compression]\nalgorithm = \"zstd\"\nlevel = 3\n{extra_toml}",
+            spool = dir.path().join("spool").display(),
+            host = ep.host,
+            port = ep.port,
+            bin = std::env::var("DRCTL_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN.to_string()),
+        );
+        let config_path = dir.path().join("drctl.toml");
+        std::fs::write(&config_path, text).unwrap();
+        Env {
+            dir,
+            config_path,
+            repo_dir,
+            s3,
+            extra_env,
+        }
+    }
+
+    /// Runs the drctl binary with this env's config.
+    pub fn drctl(&self, args: &[&str]) -> Output {
+        self.drctl_env(args, &[])
+    }
+
+    pub fn drctl_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run drctl")
+    }
+
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_drctl"));
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.env_remove("DRCTL_CONFIG").env_remove("DRCTL_FAULT");
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Runs drctl, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.drctl(args);
+        assert!(
+            out.status.success(),
+            "drctl {args:?} failed ({:?}):\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("json output")
+    }
+
+    /// Opens the repository as the library sees it.
+    pub async fn storage(&self) -> drctl::storage::DynStorage {
+        match &self.s3 {
+            None => std::sync::Arc::new(drctl::storage::fs::FsStorage::new(&self.repo_dir).unwrap()),
+            Some(s) => std::sync::Arc::new(
+                drctl::storage::s3::S3Storage::with_credentials(&s.repository_config("pfx"), &s.access_key, &s.secret_key)
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
