@@ -12,6 +12,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use s3s::dto::*;
@@ -34,6 +36,7 @@ pub struct S3Server {
     pub secret_key: String,
     /// The s3s-fs root: one directory per bucket, plus its bookkeeping files.
     root: PathBuf,
+    counters: Arc<Counters>,
     _dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -54,10 +57,12 @@ impl S3Server {
         std::fs::create_dir(root.join(BUCKET)).expect("create test bucket");
 
         let fs = s3s_fs::FileSystem::new(&root).expect("open s3s-fs root");
+        let counters = Arc::new(Counters::default());
         let wrapped = TestS3 {
             inner: fs,
             root: root.clone(),
             conditional: tokio::sync::Mutex::new(()),
+            counters: counters.clone(),
         };
         let service = {
             let mut b = s3s::service::S3ServiceBuilder::new(wrapped);
@@ -108,6 +113,7 @@ impl S3Server {
             access_key: ACCESS_KEY.to_string(),
             secret_key: SECRET_KEY.to_string(),
             root,
+            counters,
             _dir: dir,
             shutdown: Some(tx),
             thread: Some(thread),
@@ -189,6 +195,20 @@ impl S3Server {
             .collect()
     }
 
+    /// How many requests of each kind the server has answered successfully so far.
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicUsize| a.load(Ordering::SeqCst);
+        Stats {
+            put_object: get(&c.put_object),
+            create_multipart: get(&c.create_multipart),
+            upload_part: get(&c.upload_part),
+            complete_multipart: get(&c.complete_multipart),
+            abort_multipart: get(&c.abort_multipart),
+            max_parts_in_flight: get(&c.max_parts_in_flight),
+        }
+    }
+
     fn root_entries(&self) -> impl Iterator<Item = String> {
         std::fs::read_dir(&self.root)
             .expect("read s3s-fs root")
@@ -208,6 +228,37 @@ impl Drop for S3Server {
     }
 }
 
+/// Successful requests by kind, and the most UploadPart requests ever in progress at once
+/// (to check a client's upload concurrency bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub put_object: usize,
+    pub create_multipart: usize,
+    pub upload_part: usize,
+    pub complete_multipart: usize,
+    pub abort_multipart: usize,
+    pub max_parts_in_flight: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    put_object: AtomicUsize,
+    create_multipart: AtomicUsize,
+    upload_part: AtomicUsize,
+    complete_multipart: AtomicUsize,
+    abort_multipart: AtomicUsize,
+    parts_in_flight: AtomicUsize,
+    max_parts_in_flight: AtomicUsize,
+}
+
+/// Counts `counter` if the request succeeded.
+fn count<T>(counter: &AtomicUsize, result: S3Result<T>) -> S3Result<T> {
+    if result.is_ok() {
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+    result
+}
+
 /// s3s-fs with the S3 semantics the storage contract relies on.
 ///
 /// s3s-fs 0.14.1 does check `If-None-Match: *` on PutObject and CompleteMultipartUpload, but
@@ -219,6 +270,7 @@ struct TestS3 {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
     conditional: tokio::sync::Mutex<()>,
+    counters: Arc<Counters>,
 }
 
 impl TestS3 {
@@ -246,6 +298,13 @@ impl TestS3 {
             Err(s3_error!(NoSuchKey, "The specified key does not exist."))
         }
     }
+}
+
+fn precondition_failed() -> s3s::S3Error {
+    s3_error!(
+        PreconditionFailed,
+        "At least one of the pre-conditions you specified did not hold"
+    )
 }
 
 fn wants_absent(cond: Option<&IfNoneMatch>) -> bool {
@@ -280,15 +339,16 @@ impl S3 for TestS3 {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         self.require_bucket(&req.input.bucket)?;
+        let counter = &self.counters.put_object;
         if !wants_absent(req.input.if_none_match.as_ref()) {
-            return self.inner.put_object(req).await;
+            return count(counter, self.inner.put_object(req).await);
         }
         // Held while the body streams in: the check and the publish must be one step.
         let _guard = self.conditional.lock().await;
         if self.is_object(&req.input.bucket, &req.input.key) {
-            return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"));
+            return Err(precondition_failed());
         }
-        self.inner.put_object(req).await
+        count(counter, self.inner.put_object(req).await)
     }
 
     async fn get_object(
@@ -342,7 +402,10 @@ impl S3 for TestS3 {
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         self.require_bucket(&req.input.bucket)?;
-        self.inner.create_multipart_upload(req).await
+        count(
+            &self.counters.create_multipart,
+            self.inner.create_multipart_upload(req).await,
+        )
     }
 
     async fn upload_part(
@@ -350,7 +413,12 @@ impl S3 for TestS3 {
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
         self.require_bucket(&req.input.bucket)?;
-        self.inner.upload_part(req).await
+        let c = &self.counters;
+        let now = c.parts_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        c.max_parts_in_flight.fetch_max(now, Ordering::SeqCst);
+        let result = self.inner.upload_part(req).await;
+        c.parts_in_flight.fetch_sub(1, Ordering::SeqCst);
+        count(&c.upload_part, result)
     }
 
     async fn list_parts(
@@ -365,23 +433,27 @@ impl S3 for TestS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         self.require_bucket(&req.input.bucket)?;
+        let counter = &self.counters.complete_multipart;
         if !wants_absent(req.input.if_none_match.as_ref()) {
-            return self.inner.complete_multipart_upload(req).await;
+            return count(counter, self.inner.complete_multipart_upload(req).await);
         }
         // s3s-fs assembles the object before returning (its output future is already
         // resolved), so holding the lock across the call covers the whole publish.
         let _guard = self.conditional.lock().await;
         if self.is_object(&req.input.bucket, &req.input.key) {
             // As on S3, the upload stays open: the client is expected to abort it.
-            return Err(s3_error!(PreconditionFailed, "At least one of the pre-conditions you specified did not hold"));
+            return Err(precondition_failed());
         }
-        self.inner.complete_multipart_upload(req).await
+        count(counter, self.inner.complete_multipart_upload(req).await)
     }
 
     async fn abort_multipart_upload(
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
-        self.inner.abort_multipart_upload(req).await
+        count(
+            &self.counters.abort_multipart,
+            self.inner.abort_multipart_upload(req).await,
+        )
     }
 }
