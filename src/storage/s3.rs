@@ -449,7 +449,7 @@ impl S3Storage {
                 guard.upload_id = None;
                 if let Err(abort_err) = self
                     .client
-                    .abort_multipart_upload()
+                    .abort_multipart_upload().bucket("nope")
                     .bucket(&self.bucket)
                     .key(object_key)
                     .upload_id(&upload_id)
