@@ -28,6 +28,97 @@ pub struct Config {
     pub repository: RepositoryConfig,
     #[serde(default)]
     pub compression: CompressionConfig,
+    #[serde(default)]
+    pub wal: WalConfig,
+    #[serde(default)]
+    pub backup: BackupConfig,
+}
+
+/// `[wal]`: archiving and retrieval.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WalConfig {
+    /// WAL segment size in MiB (as initdb --wal-segsize; 16 unless changed).
+    #[serde(default = "default_wal_seg_mib")]
+    pub segment_size_mib: u64,
+    /// Compression level for WAL (default: `[compression] level`). Archiving is on the RPO
+    /// path; a lower level keeps `wal push` fast.
+    #[serde(default)]
+    pub level: Option<i32>,
+    /// Segments `wal fetch` prefetches ahead of replay (0 disables prefetch).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u32,
+    /// Parallel downloads of the prefetcher.
+    #[serde(default = "default_prefetch_parallel")]
+    pub prefetch_parallel: usize,
+}
+
+fn default_wal_seg_mib() -> u64 {
+    16
+}
+fn default_prefetch() -> u32 {
+    16
+}
+fn default_prefetch_parallel() -> usize {
+    4
+}
+fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+fn default_bundle_size_mib() -> u64 {
+    8
+}
+fn default_bundle_limit_kib() -> u64 {
+    1024
+}
+fn default_archive_timeout() -> u64 {
+    120
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            segment_size_mib: default_wal_seg_mib(),
+            level: None,
+            prefetch: default_prefetch(),
+            prefetch_parallel: default_prefetch_parallel(),
+        }
+    }
+}
+
+impl WalConfig {
+    pub fn segment_size(&self) -> u64 {
+        self.segment_size_mib * 1024 * 1024
+    }
+}
+
+/// `[backup]`: physical base backups.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct BackupConfig {
+    /// Files copied at once (default: number of cores).
+    #[serde(default = "default_jobs")]
+    pub jobs: usize,
+    /// Small files are bundled into objects of about this size.
+    #[serde(default = "default_bundle_size_mib")]
+    pub bundle_size_mib: u64,
+    /// Files smaller than this go into bundles.
+    #[serde(default = "default_bundle_limit_kib")]
+    pub bundle_limit_kib: u64,
+    /// Seconds to wait for the backup's last WAL segment to reach the repository.
+    #[serde(default = "default_archive_timeout")]
+    pub archive_timeout: u64,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            jobs: default_jobs(),
+            bundle_size_mib: default_bundle_size_mib(),
+            bundle_limit_kib: default_bundle_limit_kib(),
+            archive_timeout: default_archive_timeout(),
+        }
+    }
 }
 
 fn default_stanza() -> String {
@@ -42,7 +133,20 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             repository: RepositoryConfig::default(),
             compression: CompressionConfig::default(),
+            wal: WalConfig::default(),
+            backup: BackupConfig::default(),
         }
+    }
+}
+
+impl Config {
+    /// Compression settings for WAL objects.
+    pub fn wal_compression(&self) -> CompressionConfig {
+        let mut c = self.compression;
+        if let Some(l) = self.wal.level {
+            c.level = l;
+        }
+        c
     }
 }
 
@@ -342,6 +446,24 @@ impl Config {
                 "repository.path",
                 format!("{} must be an absolute path", r.path.display()),
             );
+        }
+        if !self.wal.segment_size_mib.is_power_of_two() || self.wal.segment_size_mib > 1024 {
+            return bad("wal.segment-size-mib", "must be a power of two, 1..=1024".into());
+        }
+        if let Some(l) = self.wal.level
+            && c.algorithm != Algorithm::None
+            && !range.contains(&l)
+        {
+            return bad("wal.level", format!("{l} is out of range {range:?} for {:?}", c.algorithm));
+        }
+        if self.wal.prefetch_parallel == 0 || self.wal.prefetch_parallel > 32 {
+            return bad("wal.prefetch-parallel", "must be 1..=32".into());
+        }
+        if self.backup.jobs == 0 || self.backup.jobs > 64 {
+            return bad("backup.jobs", "must be 1..=64".into());
+        }
+        if self.backup.bundle_size_mib == 0 || self.backup.bundle_size_mib > 1024 {
+            return bad("backup.bundle-size-mib", "must be 1..=1024".into());
         }
         if r.max_attempts == 0 {
             return bad("repository.max-attempts", "must be at least 1".into());

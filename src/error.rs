@@ -27,6 +27,9 @@ pub enum ExitCode {
     NotFound = 7,
     /// The target already exists (use --clean) or another precondition failed.
     Conflict = 8,
+    /// `wal fetch` could not deliver a segment that may exist (storage error after retries,
+    /// checksum mismatch). Above 125, so PostgreSQL aborts recovery instead of promoting early.
+    WalFetchFailed = 200,
 }
 
 impl ExitCode {

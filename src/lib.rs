@@ -16,3 +16,4 @@ pub mod repo;
 pub mod restore;
 pub mod storage;
 pub mod verify;
+pub mod wal;

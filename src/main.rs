@@ -2,7 +2,7 @@
 
 use clap::Parser;
 
-use drctl::cli::{Cli, Command, LogFormat};
+use drctl::cli::{Cli, Command, LogFormat, WalCommand};
 use drctl::command::{self, Ctx, Output};
 use drctl::config::Config;
 use drctl::error::{Error, ExitCode};
@@ -34,6 +34,7 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
     let ctx = Ctx {
         config,
         json: cli.json,
+        config_path: cli.config.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     };
     match &cli.command {
         Command::Backup(a) => command::backup::run(&ctx, a).await,
@@ -41,6 +42,9 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
         Command::Verify(a) => command::verify::run(&ctx, a.backup_id.as_deref()).await,
         Command::Restore(a) => command::restore::run(&ctx, a).await,
         Command::Demo(a) => command::demo::run(&ctx, a).await,
+        Command::Wal(WalCommand::Push { path }) => command::wal::push(&ctx, path).await,
+        Command::Wal(WalCommand::Fetch { name, dest }) => command::wal::fetch(&ctx, name, dest).await,
+        Command::Wal(WalCommand::Prefetch { first }) => command::wal::prefetch(&ctx, first).await,
     }
 }
 

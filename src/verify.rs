@@ -97,34 +97,56 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
             }
         };
         let before = report.problems.len();
-        let mut bytes = 0;
         let objects = manifest.objects();
-        for obj in &objects {
-            let key = repo.key(&obj.key);
-            bytes += obj.stored_size;
-            let res = match repo.storage().head(&key).await {
-                Ok(None) => Err((Problem::Missing, "object does not exist".to_string())),
-                Err(e) => Err((Problem::Unreadable, e.to_string())),
-                Ok(Some(meta)) if meta.size < obj.stored_size => Err((
-                    Problem::Truncated,
-                    format!("stored size {} < recorded {}", meta.size, obj.stored_size),
-                )),
-                Ok(Some(meta)) if meta.size > obj.stored_size => Err((
-                    Problem::ChecksumMismatch,
-                    format!("stored size {} > recorded {}", meta.size, obj.stored_size),
-                )),
-                Ok(Some(_)) => match pipeline::check(&**repo.storage(), &key, obj).await {
-                    Ok(()) => Ok(()),
-                    Err(msg) => Err((classify(&msg), msg)),
-                },
-            };
-            if let Err((problem, detail)) = res {
+        let bytes = objects.iter().map(|o| o.stored_size).sum();
+        // Group by stored object: a bundle is read once and all its members checked in memory.
+        let mut groups: std::collections::BTreeMap<&str, Vec<&crate::pipeline::ObjectRecord>> = Default::default();
+        for o in &objects {
+            groups.entry(o.key.as_str()).or_default().push(o);
+        }
+        for (rel, members) in groups {
+            let key = repo.key(rel);
+            let mut push = |problem: Problem, detail: String| {
                 report.problems.push(ObjectProblem {
                     backup: manifest.id.clone(),
-                    key: obj.key.clone(),
+                    key: rel.to_string(),
                     problem,
                     detail,
-                });
+                })
+            };
+            if members.len() == 1 && members[0].offset.is_none() {
+                let obj = members[0];
+                match repo.storage().head(&key).await {
+                    Ok(None) => push(Problem::Missing, "object does not exist".into()),
+                    Err(e) => push(Problem::Unreadable, e.to_string()),
+                    Ok(Some(meta)) if meta.size < obj.stored_size => push(
+                        Problem::Truncated,
+                        format!("stored size {} < recorded {}", meta.size, obj.stored_size),
+                    ),
+                    Ok(Some(meta)) if meta.size > obj.stored_size => push(
+                        Problem::ChecksumMismatch,
+                        format!("stored size {} > recorded {}", meta.size, obj.stored_size),
+                    ),
+                    Ok(Some(_)) => {
+                        if let Err(msg) = pipeline::check(&**repo.storage(), &key, obj).await {
+                            push(classify(&msg), msg);
+                        }
+                    }
+                }
+                continue;
+            }
+            match crate::storage::get_bytes(&**repo.storage(), &key).await {
+                Err(crate::storage::StorageError::NotFound(_)) => {
+                    push(Problem::Missing, format!("bundle of {} files does not exist", members.len()))
+                }
+                Err(e) => push(Problem::Unreadable, e.to_string()),
+                Ok(bundle) => {
+                    for m in members {
+                        if let Err(msg) = pipeline::unpack_member(&bundle, rel, m).await {
+                            push(classify(&msg), msg);
+                        }
+                    }
+                }
             }
         }
         report.backups.push(BackupVerdict {

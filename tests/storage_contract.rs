@@ -206,21 +206,33 @@ fn assert_already_exists(name: &str, r: Result<u64, StorageError>) {
 // Contract, for every driver
 
 async fn round_trip_small(c: &Ctx) {
-    assert_eq!(c.put("a/b.txt", b"hello", PutMode::Overwrite).await.unwrap(), 5);
+    assert_eq!(
+        c.put("a/b.txt", b"hello", PutMode::Overwrite)
+            .await
+            .unwrap(),
+        5
+    );
     assert_eq!(c.get("a/b.txt").await, b"hello");
     // The empty object is a real object, not an absence.
     assert_eq!(c.put("a/empty", b"", PutMode::Overwrite).await.unwrap(), 0);
     assert_eq!(c.get("a/empty").await, b"");
     assert_eq!(
         c.s().head("a/empty").await.unwrap(),
-        Some(ObjectMeta { key: "a/empty".into(), size: 0 })
+        Some(ObjectMeta {
+            key: "a/empty".into(),
+            size: 0
+        })
     );
 }
 
 async fn round_trip_multipart(c: &Ctx) {
     // More than two full parts plus a ragged tail.
     let d = data(2 * PART + 1_234_567, 1);
-    let n = c.s().put("big/obj", body(d.clone()), PutMode::Overwrite).await.unwrap();
+    let n = c
+        .s()
+        .put("big/obj", body(d.clone()), PutMode::Overwrite)
+        .await
+        .unwrap();
     assert_eq!(n, d.len() as u64);
     let got = c.get("big/obj").await;
     assert_eq!(got.len(), d.len(), "[{}] size", c.name);
@@ -228,7 +240,12 @@ async fn round_trip_multipart(c: &Ctx) {
     assert!(c.leftovers().is_empty(), "[{}] {:?}", c.name, c.leftovers());
     if let Some(st) = c.stats() {
         assert_eq!(
-            (st.put_object, st.create_multipart, st.upload_part, st.complete_multipart),
+            (
+                st.put_object,
+                st.create_multipart,
+                st.upload_part,
+                st.complete_multipart
+            ),
             (0, 1, 3, 1),
             "{st:?}"
         );
@@ -239,15 +256,27 @@ async fn round_trip_multipart(c: &Ctx) {
 
 async fn round_trip_exactly_one_part(c: &Ctx) {
     // The size at which the S3 driver switches from PutObject to multipart.
-    for (key, len) in [("edge/under", PART - 1), ("edge/exact", PART), ("edge/over", PART + 1)] {
+    for (key, len) in [
+        ("edge/under", PART - 1),
+        ("edge/exact", PART),
+        ("edge/over", PART + 1),
+    ] {
         let d = data(len, len as u64);
-        assert_eq!(c.put(key, &d, PutMode::Overwrite).await.unwrap(), len as u64);
+        assert_eq!(
+            c.put(key, &d, PutMode::Overwrite).await.unwrap(),
+            len as u64
+        );
         assert_eq!(sha(&c.get(key).await), sha(&d), "[{}] {key}", c.name);
     }
     if let Some(st) = c.stats() {
         // Under one part: PutObject. Exactly one part: a one-part multipart upload.
         assert_eq!(
-            (st.put_object, st.create_multipart, st.upload_part, st.complete_multipart),
+            (
+                st.put_object,
+                st.create_multipart,
+                st.upload_part,
+                st.complete_multipart
+            ),
             (1, 2, 3, 2),
             "{st:?}"
         );
@@ -256,7 +285,9 @@ async fn round_trip_exactly_one_part(c: &Ctx) {
 
 async fn overwrite_replaces(c: &Ctx) {
     let big = data(PART + 10, 2);
-    c.put("k", b"version one", PutMode::Overwrite).await.unwrap();
+    c.put("k", b"version one", PutMode::Overwrite)
+        .await
+        .unwrap();
     c.put("k", &big, PutMode::Overwrite).await.unwrap();
     assert_eq!(sha(&c.get("k").await), sha(&big));
     c.put("k", b"v3", PutMode::Overwrite).await.unwrap();
@@ -265,7 +296,10 @@ async fn overwrite_replaces(c: &Ctx) {
 }
 
 async fn put_if_absent_creates_when_absent(c: &Ctx) {
-    assert_eq!(c.put("new/small", b"x", PutMode::IfAbsent).await.unwrap(), 1);
+    assert_eq!(
+        c.put("new/small", b"x", PutMode::IfAbsent).await.unwrap(),
+        1
+    );
     let big = data(PART + 77, 3);
     assert_eq!(
         c.put("new/big", &big, PutMode::IfAbsent).await.unwrap(),
@@ -276,8 +310,13 @@ async fn put_if_absent_creates_when_absent(c: &Ctx) {
 }
 
 async fn put_if_absent_existing_small(c: &Ctx) {
-    c.put("manifest", b"original", PutMode::Overwrite).await.unwrap();
-    assert_already_exists(c.name, c.put("manifest", b"intruder", PutMode::IfAbsent).await);
+    c.put("manifest", b"original", PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_already_exists(
+        c.name,
+        c.put("manifest", b"intruder", PutMode::IfAbsent).await,
+    );
     assert_eq!(c.get("manifest").await, b"original");
     // A multipart-sized attempt on a small existing object fails the same way.
     let big = data(PART + 1, 4);
@@ -357,7 +396,9 @@ async fn put_if_absent_loses_to_writer_that_finished_first(c: &Ctx) {
         .expect("slow writer reached the middle of its body")
         .unwrap();
 
-    c.put("race/key", b"fast writer", PutMode::IfAbsent).await.unwrap();
+    c.put("race/key", b"fast writer", PutMode::IfAbsent)
+        .await
+        .unwrap();
     release_tx.send(()).unwrap();
     assert_already_exists(c.name, slow.await.unwrap());
     assert_eq!(c.get("race/key").await, b"fast writer");
@@ -365,7 +406,11 @@ async fn put_if_absent_loses_to_writer_that_finished_first(c: &Ctx) {
     if let Some(st) = c.stats() {
         // Refused at CompleteMultipartUpload, then aborted.
         assert_eq!(
-            (st.create_multipart, st.complete_multipart, st.abort_multipart),
+            (
+                st.create_multipart,
+                st.complete_multipart,
+                st.abort_multipart
+            ),
             (1, 0, 1),
             "{st:?}"
         );
@@ -387,7 +432,10 @@ async fn get_missing_is_not_found(c: &Ctx) {
         match c.s().get_range(key, 0, 10).await {
             Err(StorageError::NotFound(_)) => {}
             Err(e) => panic!("[{}] get_range {key}: expected NotFound, got {e:?}", c.name),
-            Ok(_) => panic!("[{}] get_range {key}: expected NotFound, got a stream", c.name),
+            Ok(_) => panic!(
+                "[{}] get_range {key}: expected NotFound, got a stream",
+                c.name
+            ),
         }
     }
 }
@@ -395,14 +443,22 @@ async fn get_missing_is_not_found(c: &Ctx) {
 async fn head_reports_size(c: &Ctx) {
     let d = data(PART + 5, 9);
     c.put("h/big", &d, PutMode::Overwrite).await.unwrap();
-    c.put("h/small", b"12345", PutMode::Overwrite).await.unwrap();
+    c.put("h/small", b"12345", PutMode::Overwrite)
+        .await
+        .unwrap();
     assert_eq!(
         c.s().head("h/big").await.unwrap(),
-        Some(ObjectMeta { key: "h/big".into(), size: d.len() as u64 })
+        Some(ObjectMeta {
+            key: "h/big".into(),
+            size: d.len() as u64
+        })
     );
     assert_eq!(
         c.s().head("h/small").await.unwrap(),
-        Some(ObjectMeta { key: "h/small".into(), size: 5 })
+        Some(ObjectMeta {
+            key: "h/small".into(),
+            size: 5
+        })
     );
     assert_eq!(c.s().head("h/missing").await.unwrap(), None);
     // A prefix of existing keys is not an object.
@@ -445,9 +501,18 @@ async fn list_by_prefix(c: &Ctx) {
     assert_eq!(
         listed,
         vec![
-            ObjectMeta { key: "backups/1/a".into(), size: 1 },
-            ObjectMeta { key: "backups/10/c".into(), size: 3 },
-            ObjectMeta { key: "backups/2/b".into(), size: 2 },
+            ObjectMeta {
+                key: "backups/1/a".into(),
+                size: 1
+            },
+            ObjectMeta {
+                key: "backups/10/c".into(),
+                size: 3
+            },
+            ObjectMeta {
+                key: "backups/2/b".into(),
+                size: 2
+            },
         ],
         "[{}]",
         c.name
@@ -456,10 +521,19 @@ async fn list_by_prefix(c: &Ctx) {
         c.keys("backups").await,
         vec!["backups/1/a", "backups/10/c", "backups/2/b", "backupsx/y"]
     );
-    assert_eq!(c.keys("backups/1").await, vec!["backups/1/a", "backups/10/c"]);
+    assert_eq!(
+        c.keys("backups/1").await,
+        vec!["backups/1/a", "backups/10/c"]
+    );
     assert_eq!(
         c.keys("").await,
-        vec!["backups/1/a", "backups/10/c", "backups/2/b", "backupsx/y", "wal/0001"]
+        vec![
+            "backups/1/a",
+            "backups/10/c",
+            "backups/2/b",
+            "backupsx/y",
+            "wal/0001"
+        ]
     );
     assert!(c.keys("nothing/").await.is_empty());
 }
@@ -481,7 +555,10 @@ async fn delete_removes(c: &Ctx) {
     c.put("d/b", b"b", PutMode::Overwrite).await.unwrap();
     c.s().delete("d/a").await.unwrap();
     assert_eq!(c.s().head("d/a").await.unwrap(), None);
-    assert!(matches!(c.s().get("d/a").await, Err(StorageError::NotFound(_))));
+    assert!(matches!(
+        c.s().get("d/a").await,
+        Err(StorageError::NotFound(_))
+    ));
     assert_eq!(c.keys("d/").await, vec!["d/b"]);
     // Deleting what is not there succeeds: again, never existed, under a missing "directory".
     c.s().delete("d/a").await.unwrap();
@@ -493,13 +570,25 @@ async fn delete_removes(c: &Ctx) {
 }
 
 async fn failing_body_small_leaves_nothing(c: &Ctx) {
-    let r = c.s().put("f/small", failing_body(data(100, 12)), PutMode::Overwrite).await;
+    let r = c
+        .s()
+        .put("f/small", failing_body(data(100, 12)), PutMode::Overwrite)
+        .await;
     match r {
-        Err(StorageError::Io { source, .. }) => assert!(source.to_string().contains("source broke")),
+        Err(StorageError::Io { source, .. }) => {
+            assert!(source.to_string().contains("source broke"))
+        }
         other => panic!("[{}] expected the body's error, got {other:?}", c.name),
     }
-    let r = c.s().put("f/small", failing_body(Vec::new()), PutMode::IfAbsent).await;
-    assert!(matches!(r, Err(StorageError::Io { .. })), "[{}] {r:?}", c.name);
+    let r = c
+        .s()
+        .put("f/small", failing_body(Vec::new()), PutMode::IfAbsent)
+        .await;
+    assert!(
+        matches!(r, Err(StorageError::Io { .. })),
+        "[{}] {r:?}",
+        c.name
+    );
     assert_eq!(c.s().head("f/small").await.unwrap(), None);
     assert!(c.keys("").await.is_empty(), "[{}]", c.name);
     assert!(c.leftovers().is_empty(), "[{}] {:?}", c.name, c.leftovers());
@@ -513,30 +602,52 @@ async fn failing_body_multipart_leaves_nothing(c: &Ctx) {
     // Two full parts have been uploaded (S3) when the source fails.
     let r = c
         .s()
-        .put("f/big", failing_body(data(2 * PART + MIB, 13)), PutMode::Overwrite)
+        .put(
+            "f/big",
+            failing_body(data(2 * PART + MIB, 13)),
+            PutMode::Overwrite,
+        )
         .await;
     match r {
-        Err(StorageError::Io { source, .. }) => assert!(source.to_string().contains("source broke")),
+        Err(StorageError::Io { source, .. }) => {
+            assert!(source.to_string().contains("source broke"))
+        }
         other => panic!("[{}] expected the body's error, got {other:?}", c.name),
     }
     // An existing object is not damaged by a failed overwrite.
     c.put("f/kept", b"kept", PutMode::Overwrite).await.unwrap();
     let r = c
         .s()
-        .put("f/kept", failing_body(data(PART + 1, 14)), PutMode::Overwrite)
+        .put(
+            "f/kept",
+            failing_body(data(PART + 1, 14)),
+            PutMode::Overwrite,
+        )
         .await;
-    assert!(matches!(r, Err(StorageError::Io { .. })), "[{}] {r:?}", c.name);
+    assert!(
+        matches!(r, Err(StorageError::Io { .. })),
+        "[{}] {r:?}",
+        c.name
+    );
 
     assert_eq!(c.s().head("f/big").await.unwrap(), None);
     assert_eq!(c.keys("").await, vec!["f/kept"]);
     assert_eq!(c.get("f/kept").await, b"kept");
     assert!(c.leftovers().is_empty(), "[{}] {:?}", c.name, c.leftovers());
     if let Some(server) = &c.server {
-        assert_eq!(server.pending_multipart_uploads(), 0, "upload was not aborted");
+        assert_eq!(
+            server.pending_multipart_uploads(),
+            0,
+            "upload was not aborted"
+        );
         assert_eq!(server.stray_parts(), 0);
         let st = server.stats();
         assert_eq!(
-            (st.create_multipart, st.complete_multipart, st.abort_multipart),
+            (
+                st.create_multipart,
+                st.complete_multipart,
+                st.abort_multipart
+            ),
             (2, 0, 2),
             "{st:?}"
         );
@@ -569,7 +680,9 @@ async fn s3_wrong_secret_is_denied() {
     .await
     .unwrap();
     let errors = [
-        s.put("k", body(b"x".to_vec()), PutMode::Overwrite).await.unwrap_err(),
+        s.put("k", body(b"x".to_vec()), PutMode::Overwrite)
+            .await
+            .unwrap_err(),
         s.get("k").await.err().unwrap(),
         s.list("").await.unwrap_err(),
         s.delete("k").await.unwrap_err(),
@@ -583,8 +696,14 @@ async fn s3_wrong_secret_is_denied() {
         }
         assert!(!e.is_retryable());
         let text = e.to_string();
-        assert!(text.contains("access denied") && text.contains("s3://drctl-test/p/"), "{text}");
-        assert!(!text.contains("not-the-secret"), "the secret leaked: {text}");
+        assert!(
+            text.contains("access denied") && text.contains("s3://drctl-test/p/"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("not-the-secret"),
+            "the secret leaked: {text}"
+        );
     }
     assert_eq!(server.leftovers(), Vec::<String>::new());
 }
@@ -598,7 +717,10 @@ async fn s3_unknown_access_key_is_denied() {
     let e = s.list("").await.unwrap_err();
     assert!(matches!(e, StorageError::Denied { .. }), "{e:?}");
     // A multipart-sized put fails at its first request and leaves nothing.
-    let e = s.put("big", body(data(PART + 1, 1)), PutMode::Overwrite).await.unwrap_err();
+    let e = s
+        .put("big", body(data(PART + 1, 1)), PutMode::Overwrite)
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::Denied { .. }), "{e:?}");
     assert!(server.leftovers().is_empty());
 }
@@ -646,8 +768,12 @@ async fn s3_missing_bucket() {
         .await
         .unwrap();
     let errors = [
-        s.put("k", body(b"x".to_vec()), PutMode::Overwrite).await.unwrap_err(),
-        s.put("k", body(data(PART + 1, 2)), PutMode::Overwrite).await.unwrap_err(),
+        s.put("k", body(b"x".to_vec()), PutMode::Overwrite)
+            .await
+            .unwrap_err(),
+        s.put("k", body(data(PART + 1, 2)), PutMode::Overwrite)
+            .await
+            .unwrap_err(),
         s.get("k").await.err().unwrap(),
         s.list("").await.unwrap_err(),
         s.delete("k").await.unwrap_err(),
@@ -659,7 +785,10 @@ async fn s3_missing_bucket() {
         }
         assert!(!e.is_retryable());
     }
-    assert!(!server.root().join("no-such-bucket").exists(), "bucket was created");
+    assert!(
+        !server.root().join("no-such-bucket").exists(),
+        "bucket was created"
+    );
 }
 
 #[tokio::test]
@@ -680,7 +809,9 @@ async fn s3_unreachable_endpoint_is_retryable() {
     let s = S3Storage::with_credentials(&cfg, "a", "b").await.unwrap();
     let e = s.list("").await.unwrap_err();
     match &e {
-        StorageError::Backend { message, retryable, .. } => {
+        StorageError::Backend {
+            message, retryable, ..
+        } => {
             assert!(*retryable, "{message}");
             assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
         }
@@ -695,14 +826,34 @@ async fn s3_prefix_layout_and_describe() {
     let nested = server.storage("/team/db/").await;
     let sibling = server.storage("team/db2").await;
 
-    nested.put("k", body(b"n".to_vec()), PutMode::Overwrite).await.unwrap();
-    sibling.put("k", body(b"s".to_vec()), PutMode::Overwrite).await.unwrap();
-    root.put("top", body(b"t".to_vec()), PutMode::Overwrite).await.unwrap();
+    nested
+        .put("k", body(b"n".to_vec()), PutMode::Overwrite)
+        .await
+        .unwrap();
+    sibling
+        .put("k", body(b"s".to_vec()), PutMode::Overwrite)
+        .await
+        .unwrap();
+    root.put("top", body(b"t".to_vec()), PutMode::Overwrite)
+        .await
+        .unwrap();
 
-    let all: Vec<String> = root.list("").await.unwrap().into_iter().map(|m| m.key).collect();
+    let all: Vec<String> = root
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(all, vec!["team/db/k", "team/db2/k", "top"]);
     // Each prefix is its own repository; "team/db" does not see "team/db2".
-    let mine: Vec<String> = nested.list("").await.unwrap().into_iter().map(|m| m.key).collect();
+    let mine: Vec<String> = nested
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
     assert_eq!(mine, vec!["k"]);
     assert!(nested.head("top").await.unwrap().is_none());
     assert!(server.root().join("drctl-test/team/db/k").is_file());
@@ -711,7 +862,10 @@ async fn s3_prefix_layout_and_describe() {
         nested.describe(),
         format!("s3://drctl-test/team/db ({})", server.endpoint)
     );
-    assert_eq!(root.describe(), format!("s3://drctl-test ({})", server.endpoint));
+    assert_eq!(
+        root.describe(),
+        format!("s3://drctl-test ({})", server.endpoint)
+    );
     let debug = format!("{nested:?}");
     assert!(!debug.contains(&server.secret_key), "{debug}");
 }
@@ -726,7 +880,9 @@ async fn s3_multipart_with_one_upload_at_a_time() {
         .unwrap();
     let d = data(3 * PART + 17, 21);
     assert_eq!(
-        s.put("obj", body(d.clone()), PutMode::IfAbsent).await.unwrap(),
+        s.put("obj", body(d.clone()), PutMode::IfAbsent)
+            .await
+            .unwrap(),
         d.len() as u64
     );
     assert_eq!(sha(&storage::get_bytes(&s, "obj").await.unwrap()), sha(&d));
@@ -751,6 +907,12 @@ fn s3_server_works_without_an_async_test_runtime() {
     });
     drop(rt);
     let env = server.env();
-    assert!(env.iter().any(|(k, v)| k == "AWS_ACCESS_KEY_ID" && *v == server.access_key));
-    assert!(env.iter().any(|(k, v)| k == "AWS_SECRET_ACCESS_KEY" && *v == server.secret_key));
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "AWS_ACCESS_KEY_ID" && *v == server.access_key)
+    );
+    assert!(
+        env.iter()
+            .any(|(k, v)| k == "AWS_SECRET_ACCESS_KEY" && *v == server.secret_key)
+    );
 }

@@ -41,6 +41,30 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Run the guided demo on a throwaway cluster and a local repository.
     Demo(DemoArgs),
+    /// WAL archiving: PostgreSQL's archive_command and restore_command.
+    #[command(subcommand)]
+    Wal(WalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalCommand {
+    /// Archive one WAL file (archive_command = 'drctl --config FILE wal push %p').
+    Push {
+        /// Path of the WAL file (%p).
+        path: PathBuf,
+    },
+    /// Fetch one WAL file (restore_command = 'drctl --config FILE wal fetch %f %p').
+    /// Exit 1: not archived. Exit 200: storage or checksum failure (recovery must stop).
+    Fetch {
+        /// WAL file name (%f).
+        name: String,
+        /// Destination path (%p).
+        dest: PathBuf,
+    },
+    /// Download the segments from FIRST on into the spool (started by `wal fetch`).
+    Prefetch {
+        first: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -110,6 +110,7 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
     let ctx = Ctx {
         config,
         json: false,
+        config_path: None,
     };
 
     say("drctl backup --type logical");

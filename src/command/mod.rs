@@ -5,6 +5,7 @@ pub mod demo;
 pub mod list;
 pub mod restore;
 pub mod verify;
+pub mod wal;
 
 use crate::config::Config;
 use crate::error::Result;
@@ -16,6 +17,9 @@ use crate::storage;
 pub struct Ctx {
     pub config: Config,
     pub json: bool,
+    /// The `--config` path given on the command line, handed on to child drctl processes
+    /// (prefetcher, restore_command).
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 impl Ctx {

@@ -14,7 +14,7 @@ use async_compression::Level;
 use async_compression::tokio::bufread as codec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 
 use crate::config::{Algorithm, CompressionConfig};
 use crate::storage::{BoxRead, PutMode, Storage, StorageError};
@@ -35,6 +35,10 @@ pub struct ObjectRecord {
     /// Bytes as stored.
     pub stored_size: u64,
     pub stored_sha256: String,
+    /// Set when the stored bytes are a range of a larger object (a bundle of small files):
+    /// they are `stored_size` bytes at this offset of `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 #[derive(Default)]
@@ -200,6 +204,7 @@ where
         raw_sha256,
         stored_size,
         stored_sha256,
+        offset: None,
     })
 }
 
@@ -294,7 +299,10 @@ pub async fn open_verified(
     key: &str,
     record: &ObjectRecord,
 ) -> Result<BoxRead, StorageError> {
-    let stored = storage.get(key).await?;
+    let stored = match record.offset {
+        Some(off) => storage.get_range(key, off, record.stored_size).await?,
+        None => storage.get(key).await?,
+    };
     let stored = VerifyReader::new(
         stored,
         format!("{key} (stored)"),
@@ -327,7 +335,7 @@ pub async fn check(storage: &dyn Storage, key: &str, record: &ObjectRecord) -> R
 mod tests {
     use super::*;
     use crate::storage::fs::FsStorage;
-    use tokio::io::AsyncReadExt;
+
 
     fn data() -> Vec<u8> {
         (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
@@ -379,5 +387,55 @@ mod tests {
         assert!(check(&st, "o", &rec).await.is_err());
         std::fs::write(&path, &orig).unwrap();
         check(&st, "o", &rec).await.unwrap();
+    }
+}
+
+/// Verifies and decompresses one member of a bundle already in memory. Returns the raw bytes
+/// or a message saying what is wrong (wording as in [`VerifyReader`]).
+pub async fn unpack_member(bundle: &[u8], key: &str, rec: &ObjectRecord) -> Result<Vec<u8>, String> {
+    let off = rec.offset.unwrap_or(0) as usize;
+    let end = off + rec.stored_size as usize;
+    if end > bundle.len() {
+        return Err(format!(
+            "{key}: truncated: member at {off}+{} but the object has {} bytes",
+            rec.stored_size,
+            bundle.len()
+        ));
+    }
+    let stored = &bundle[off..end];
+    let got = hex::encode(Sha256::digest(stored));
+    if got != rec.stored_sha256 {
+        return Err(format!("{key}@{off}: SHA-256 mismatch: expected {}, got {got}", rec.stored_sha256));
+    }
+    let mut raw = Vec::with_capacity(rec.raw_size as usize);
+    decompress(std::io::Cursor::new(stored.to_vec()), rec.compression)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("{key}@{off}: cannot decompress: {e}"))?;
+    let got = hex::encode(Sha256::digest(&raw));
+    if raw.len() as u64 != rec.raw_size || got != rec.raw_sha256 {
+        return Err(format!("{key}@{off}: SHA-256 mismatch after decompression (got {got})"));
+    }
+    Ok(raw)
+}
+
+/// Compresses a small buffer in memory (bundle members, WAL segments).
+pub async fn compress_bytes(raw: &[u8], cfg: &CompressionConfig) -> std::io::Result<Vec<u8>> {
+    let mut enc = compress(std::io::Cursor::new(raw.to_vec()), cfg);
+    let mut out = Vec::with_capacity(raw.len() / 2 + 64);
+    enc.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// Builds the record of a buffer compressed in memory.
+pub fn record_for(key: &str, raw: &[u8], stored: &[u8], alg: Algorithm, offset: Option<u64>) -> ObjectRecord {
+    ObjectRecord {
+        key: key.to_string(),
+        compression: alg,
+        raw_size: raw.len() as u64,
+        raw_sha256: hex::encode(Sha256::digest(raw)),
+        stored_size: stored.len() as u64,
+        stored_sha256: hex::encode(Sha256::digest(stored)),
+        offset,
     }
 }

@@ -19,7 +19,7 @@ use aws_config::retry::RetryConfig;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{Credentials, ProvideCredentials, Region, RequestChecksumCalculation};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_http_client::tls;
@@ -68,7 +68,8 @@ impl fmt::Debug for S3Storage {
 impl S3Storage {
     /// Opens the bucket described by `cfg`, with credentials from the standard AWS chain
     /// (environment, shared config/credentials files, web identity, ECS, EC2 instance role).
-    /// No request is made here; problems surface on the first operation.
+    /// No S3 request is made here (only the chain may look up a region); problems with the
+    /// bucket or credentials surface on the first operation.
     pub async fn new(cfg: &RepositoryConfig) -> StorageResult<S3Storage> {
         Self::build(cfg, None).await
     }
@@ -92,7 +93,11 @@ impl S3Storage {
         cfg: &RepositoryConfig,
         provider: impl ProvideCredentials + 'static,
     ) -> StorageResult<S3Storage> {
-        Self::build(cfg, Some(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))).await
+        Self::build(
+            cfg,
+            Some(aws_sdk_s3::config::SharedCredentialsProvider::new(provider)),
+        )
+        .await
     }
 
     async fn build(
@@ -182,7 +187,9 @@ impl S3Storage {
     fn object_key(&self, key: &str) -> StorageResult<String> {
         if key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+            || key
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
         {
             return Err(StorageError::Backend {
                 op: "resolve",
@@ -248,14 +255,18 @@ impl S3Storage {
                     // Checked before the 403 rule: the SDK corrects its clock from the
                     // response, so another attempt can succeed.
                     "RequestTimeTooSkewed" => {
-                        return backend(
-                            format!("{detail}; check this host's clock"),
-                            true,
-                        );
+                        return backend(format!("{detail}; check this host's clock"), true);
                     }
-                    "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch"
-                    | "NotSignedUp" | "AllAccessDisabled" | "AccountProblem" | "InvalidToken"
-                    | "ExpiredToken" | "TokenRefreshRequired" | "InvalidSecurity" => {
+                    "AccessDenied"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "NotSignedUp"
+                    | "AllAccessDisabled"
+                    | "AccountProblem"
+                    | "InvalidToken"
+                    | "ExpiredToken"
+                    | "TokenRefreshRequired"
+                    | "InvalidSecurity" => {
                         return StorageError::Denied {
                             op,
                             key: url,
@@ -281,8 +292,13 @@ impl S3Storage {
                             false,
                         );
                     }
-                    "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout"
-                    | "RequestLimitExceeded" | "TooManyRequestsException" | "InternalError"
+                    "SlowDown"
+                    | "Throttling"
+                    | "ThrottlingException"
+                    | "RequestTimeout"
+                    | "RequestLimitExceeded"
+                    | "TooManyRequestsException"
+                    | "InternalError"
                     | "ServiceUnavailable" => return backend(detail, true),
                     _ => {}
                 }
@@ -297,29 +313,27 @@ impl S3Storage {
                     _ => backend(detail, false),
                 }
             }
-            SdkError::TimeoutError(_) => {
-                backend(format!("timed out: {}", DisplayErrorContext(&err)), true)
-            }
+            SdkError::TimeoutError(_) => backend(format!("timed out: {}", error_chain(&err)), true),
             SdkError::DispatchFailure(failure) => {
                 if let Some(cred) = find_source::<CredentialsError>(&err) {
                     return credentials_error(op, url, cred);
                 }
                 let reach = self.endpoint.as_deref().unwrap_or("the S3 endpoint");
                 backend(
-                    format!("could not reach {reach}: {}", DisplayErrorContext(&err)),
+                    format!("could not reach {reach}: {}", error_chain(&err)),
                     !failure.is_user(),
                 )
             }
             // The response was cut off or garbled: usually a dropped connection.
             SdkError::ResponseError(_) => backend(
-                format!("bad response from the service: {}", DisplayErrorContext(&err)),
+                format!("bad response from the service: {}", error_chain(&err)),
                 true,
             ),
             _ => {
                 if let Some(cred) = find_source::<CredentialsError>(&err) {
                     return credentials_error(op, url, cred);
                 }
-                backend(DisplayErrorContext(&err).to_string(), false)
+                backend(error_chain(&err), false)
             }
         }
     }
@@ -335,9 +349,7 @@ impl S3Storage {
             let code = ctx.err().code().unwrap_or("");
             // 409 ConditionalRequestConflict: a concurrent conditional write to the same key
             // is in flight; S3 lets at most one of them win, so report ours as the loser.
-            if status == 412
-                || code == "PreconditionFailed"
-                || code == "ConditionalRequestConflict"
+            if status == 412 || code == "PreconditionFailed" || code == "ConditionalRequestConflict"
             {
                 return StorageError::AlreadyExists(key.to_string());
             }
@@ -446,20 +458,22 @@ impl S3Storage {
                 // (S3 advises aborting only once part uploads have finished), so let them
                 // finish first.
                 while tasks.join_next().await.is_some() {}
-                guard.upload_id = None;
-                if let Err(abort_err) = self
+                let aborted = self
                     .client
-                    .abort_multipart_upload().bucket("nope")
+                    .abort_multipart_upload()
                     .bucket(&self.bucket)
                     .key(object_key)
                     .upload_id(&upload_id)
                     .send()
-                    .await
-                {
+                    .await;
+                // Disarmed only now: if this put is cancelled during the abort, the guard
+                // still tries.
+                guard.upload_id = None;
+                if let Err(abort_err) = aborted {
                     tracing::warn!(
                         key = %self.url(object_key),
                         upload_id = %upload_id,
-                        error = %DisplayErrorContext(&abort_err),
+                        error = %error_chain(&abort_err),
                         "could not abort a failed multipart upload; its parts stay billed until \
                          a lifecycle rule (AbortIncompleteMultipartUpload) removes them"
                     );
@@ -661,6 +675,22 @@ fn http_canonical_reason(status: u16) -> Option<&'static str> {
     })
 }
 
+/// The error and its sources, `: `-separated. The SDK's own `DisplayErrorContext` appends a
+/// Debug dump, too noisy for an operator; sources that only repeat their parent are skipped.
+fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = e.source();
+    }
+    out
+}
+
 fn find_source<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
@@ -673,7 +703,7 @@ fn find_source<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> 
 }
 
 fn credentials_error(op: &'static str, url: String, err: &CredentialsError) -> StorageError {
-    let detail = DisplayErrorContext(err).to_string();
+    let detail = error_chain(err);
     match err {
         CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_) => {
             StorageError::Denied {

@@ -71,7 +71,9 @@ impl S3Server {
         };
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind s3 server");
-        listener.set_nonblocking(true).expect("nonblocking listener");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
         let addr = listener.local_addr().expect("local addr");
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
 
@@ -280,7 +282,10 @@ impl TestS3 {
         if self.root.join(bucket).is_dir() {
             Ok(())
         } else {
-            Err(s3_error!(NoSuchBucket, "The specified bucket does not exist"))
+            Err(s3_error!(
+                NoSuchBucket,
+                "The specified bucket does not exist"
+            ))
         }
     }
 
