@@ -69,6 +69,7 @@ pub async fn run(cfg: &Config, repo: &Repo, opts: &LogicalOptions) -> Result<Man
         host: hostname(),
         pg_dump_version: Some(pg_dump_version),
         databases: entries,
+        physical: None,
     };
     if let Err(e) = repo.commit_manifest(&manifest).await {
         repo.discard_uncommitted(&id).await;

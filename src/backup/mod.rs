@@ -1,3 +1,4 @@
 //! Taking backups: logical (pg_dump) and, later, physical (base backups).
 
 pub mod logical;
+pub mod physical;

@@ -84,6 +84,9 @@ pub struct BackupArgs {
     /// Do not record exact per-table row counts.
     #[arg(long)]
     pub no_row_counts: bool,
+    /// Physical: files copied in parallel (default: `[backup] jobs`, the number of cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -93,33 +96,69 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["logical", "pitr", "target_lsn", "target_xid", "target_name"])))]
 pub struct RestoreArgs {
     /// Restore a logical backup into a new database.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub logical: bool,
-    /// Backup id, or `latest`.
+    /// Point-in-time restore of a physical backup plus WAL: `latest` or an RFC 3339 time.
+    #[arg(long, value_name = "TIME|latest")]
+    pub pitr: Option<String>,
+    /// Point-in-time restore up to this LSN (e.g. 0/3000060).
+    #[arg(long, value_name = "LSN")]
+    pub target_lsn: Option<String>,
+    /// Point-in-time restore up to this transaction id.
+    #[arg(long, value_name = "XID")]
+    pub target_xid: Option<String>,
+    /// Point-in-time restore up to this named restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME")]
+    pub target_name: Option<String>,
+    /// Backup id, or `latest` (PITR: the newest backup that can reach the target).
     #[arg(long, default_value = "latest")]
     pub backup: String,
-    /// Database inside the backup.
+    /// Logical: database inside the backup.
     #[arg(long)]
-    pub database: String,
-    /// Name of the database to create.
+    pub database: Option<String>,
+    /// Logical: name of the database to create.
     #[arg(long)]
-    pub target_database: String,
-    /// Restore to another server (default: the configured one).
+    pub target_database: Option<String>,
+    /// Logical: restore to another server (default: the configured one).
     #[arg(long)]
     pub target_host: Option<String>,
+    /// Logical: port of the target server. PITR: port the restored cluster listens on.
     #[arg(long)]
     pub target_port: Option<u16>,
-    /// Parallel pg_restore jobs.
-    #[arg(long, default_value_t = 1)]
-    pub jobs: u32,
-    /// Replace the target database if it exists.
+    /// PITR: the new data directory (must be empty or absent).
+    #[arg(long)]
+    pub target_dir: Option<PathBuf>,
+    /// PITR: unix socket directory of the restored cluster.
+    #[arg(long)]
+    pub socket_dir: Option<PathBuf>,
+    /// PITR: prepare the data directory but do not start PostgreSQL.
+    #[arg(long)]
+    pub no_start: bool,
+    /// PITR: `preserve` keeps archiving on (the restored cluster is the new primary); `off` for
+    /// a copy beside a primary that still runs.
+    #[arg(long, value_enum, default_value_t = ArchiveModeArg::Preserve)]
+    pub archive_mode: ArchiveModeArg,
+    /// PITR: longest wait for recovery, e.g. `30m`.
+    #[arg(long, default_value = "1h")]
+    pub timeout: String,
+    /// Parallel jobs (logical: pg_restore --jobs, default 1; PITR: file downloads, default: cores).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Logical: replace the target database if it exists.
     #[arg(long)]
     pub clean: bool,
-    /// Do not restore object ownership (for targets without the source's roles).
+    /// Logical: do not restore object ownership (for targets without the source's roles).
     #[arg(long)]
     pub no_owner: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ArchiveModeArg {
+    Preserve,
+    Off,
 }
 
 #[derive(Debug, Args)]

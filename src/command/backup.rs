@@ -5,7 +5,7 @@ use serde_json::json;
 use super::{Ctx, Output};
 use crate::backup::logical::{self, LogicalOptions};
 use crate::cli::{BackupArgs, BackupType, human_bytes};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub async fn run(ctx: &Ctx, args: &BackupArgs) -> Result<Output> {
     let repo = ctx.repo().await?;
@@ -42,8 +42,28 @@ pub async fn run(ctx: &Ctx, args: &BackupArgs) -> Result<Output> {
                 o
             })
         }
-        BackupType::Physical => Err(Error::Usage(
-            "physical backups are not available in this build yet; use --type logical".into(),
-        )),
+        BackupType::Physical => {
+            let m = crate::backup::physical::run(&ctx.config, &repo, args.jobs).await?;
+            let p = m.physical.as_ref().expect("physical manifest");
+            let secs = (m.finished_at - m.started_at).num_milliseconds() as f64 / 1000.0;
+            Ok(Output::ok(
+                json!({
+                    "id": m.id,
+                    "type": "physical",
+                    "started_at": m.started_at.to_rfc3339(),
+                    "finished_at": m.finished_at.to_rfc3339(),
+                    "size": m.raw_size(),
+                    "stored_size": m.stored_size(),
+                    "duration_seconds": secs,
+                    "start_lsn": p.start_lsn,
+                    "stop_lsn": p.stop_lsn,
+                    "timeline": p.timeline,
+                    "start_wal": p.start_wal,
+                    "stop_wal": p.stop_wal,
+                    "files": p.files.len(),
+                }),
+                m.id.clone(),
+            ))
+        }
     }
 }

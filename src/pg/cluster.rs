@@ -117,6 +117,8 @@ pub struct Cluster {
     pub bins: Binaries,
     pub owner: Option<OsUser>,
     pub user: String,
+    /// Extra environment for the server (and so for archive_command / restore_command).
+    pub env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -157,6 +159,7 @@ impl Cluster {
             bins,
             owner,
             user: "postgres".into(),
+            env: Vec::new(),
         })
     }
 
@@ -194,6 +197,7 @@ impl Cluster {
             .arg("-l")
             .arg(&self.log_file)
             .args(["-o", &opts, "-w", "-t", &wait_secs.to_string(), "start"])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.data_dir)
             .stdin(Stdio::null())
             .output()
@@ -268,6 +272,11 @@ pub struct TempCluster {
 impl TempCluster {
     /// initdb + start, with `extra_conf` appended to postgresql.conf. Retries on a port race.
     pub fn start(bins: Binaries, extra_conf: &str) -> Result<TempCluster> {
+        Self::start_with_env(bins, extra_conf, Vec::new())
+    }
+
+    /// Like [`TempCluster::start`], with extra environment for the server process.
+    pub fn start_with_env(bins: Binaries, extra_conf: &str, env: Vec<(String, String)>) -> Result<TempCluster> {
         let dir = tempfile::Builder::new()
             .prefix("drctl-pg-")
             .tempdir()
@@ -279,6 +288,7 @@ impl TempCluster {
         let data = dir.path().join("data");
         let sock = dir.path().join("sock");
         let mut cluster = Cluster::init(bins, &data, &sock, free_port(), owner)?;
+        cluster.env = env;
         cluster.append_conf(extra_conf)?;
         let mut last = None;
         for _ in 0..3 {

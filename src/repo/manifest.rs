@@ -129,12 +129,19 @@ pub struct Manifest {
     /// Logical backups: one entry per database.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub databases: Vec<LogicalDatabase>,
+    /// Physical backups: LSNs, timeline, WAL range, label, and one entry per file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<crate::backup::physical::PhysicalInfo>,
 }
 
 impl Manifest {
     /// Every data object of the backup.
     pub fn objects(&self) -> Vec<&ObjectRecord> {
-        self.databases.iter().map(|d| &d.object).collect()
+        let mut out: Vec<&ObjectRecord> = self.databases.iter().map(|d| &d.object).collect();
+        if let Some(p) = &self.physical {
+            out.extend(p.files.iter().map(|f| &f.object));
+        }
+        out
     }
 
     pub fn raw_size(&self) -> u64 {

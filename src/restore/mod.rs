@@ -1,3 +1,4 @@
 //! Restoring: logical (pg_restore into a new database) and, later, physical PITR.
 
 pub mod logical;
+pub mod physical;

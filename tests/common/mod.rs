@@ -20,7 +20,31 @@ pub fn bins() -> Binaries {
 
 /// A cluster for one test, with `fsync = off` for speed and WAL archiving optional.
 pub fn cluster(extra_conf: &str) -> TempCluster {
-    TempCluster::start(bins(), &format!("fsync = off\nmax_connections = 40\n{extra_conf}")).expect("start test cluster")
+    cluster_env(extra_conf, Vec::new())
+}
+
+/// A cluster whose server process (and so archive_command) gets `env`.
+pub fn cluster_env(extra_conf: &str, env: Vec<(String, String)>) -> TempCluster {
+    TempCluster::start_with_env(bins(), &format!("fsync = off\nmax_connections = 40\n{extra_conf}"), env)
+        .expect("start test cluster")
+}
+
+/// A cluster plus an env for it; for S3 the server starts first so that archive_command
+/// inherits its credentials.
+pub fn cluster_and_env(extra_conf: &str, kind: RepoKind) -> (TempCluster, Env) {
+    match kind {
+        RepoKind::Fs => {
+            let tc = cluster(extra_conf);
+            let env = Env::for_cluster(&tc, RepoKind::Fs);
+            (tc, env)
+        }
+        RepoKind::S3 => {
+            let s3 = s3server::S3Server::start_blocking();
+            let tc = cluster_env(extra_conf, s3.env());
+            let env = Env::build_with(&tc.cluster.endpoint(), Some(&tc.cluster.data_dir), Some(s3), "");
+            (tc, env)
+        }
+    }
 }
 
 pub async fn sql(ep: &Endpoint, db: &str, q: &str) {
@@ -54,16 +78,36 @@ impl Env {
     }
 
     pub fn with_extra(ep: &Endpoint, kind: RepoKind, extra_toml: &str) -> Env {
+        Self::build(ep, None, kind, extra_toml)
+    }
+
+    /// An env whose config also names the cluster's data directory (physical backups).
+    pub fn for_cluster(tc: &TempCluster, kind: RepoKind) -> Env {
+        Self::build(&tc.cluster.endpoint(), Some(&tc.cluster.data_dir), kind, "")
+    }
+
+    fn build(ep: &Endpoint, data_dir: Option<&Path>, kind: RepoKind, extra_toml: &str) -> Env {
+        let s3 = match kind {
+            RepoKind::Fs => None,
+            RepoKind::S3 => Some(s3server::S3Server::start_blocking()),
+        };
+        Self::build_with(ep, data_dir, s3, extra_toml)
+    }
+
+    fn build_with(ep: &Endpoint, data_dir: Option<&Path>, s3: Option<s3server::S3Server>, extra_toml: &str) -> Env {
         let dir = tempfile::tempdir().unwrap();
+        // drctl runs as the cluster owner (as archive_command does): let it use this dir.
+        if let Some(u) = owner() {
+            drctl::pg::cluster::chown_tree(dir.path(), &u).unwrap();
+        }
         let repo_dir = dir.path().join("repo");
-        let (repo_toml, s3, extra_env) = match kind {
-            RepoKind::Fs => (
+        let (repo_toml, s3, extra_env) = match s3 {
+            None => (
                 format!("[repository]\nkind = \"fs\"\npath = \"{}\"\n", repo_dir.display()),
                 None,
                 vec![],
             ),
-            RepoKind::S3 => {
-                let s = s3server::S3Server::start_blocking();
+            Some(s) => {
                 let toml = format!(
                     "[repository]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"pfx\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nforce-path-style = true\npart-size-mib = 5\nmax-attempts = 2\n",
                     s.bucket, s.endpoint
@@ -73,14 +117,18 @@ impl Env {
             }
         };
         let text = format!(
-            "stanza = \"test\"\nspool-dir = \"{spool}\"\n[postgres]\nhost = \"{host}\"\nport = {port}\nuser = \"postgres\"\nbin-dir = \"{bin}\"\n{repo_toml}\n[compression]\nalgorithm = \"zstd\"\nlevel = 3\n{extra_toml}",
+            "stanza = \"test\"\nspool-dir = \"{spool}\"\n[postgres]\nhost = \"{host}\"\nport = {port}\nuser = \"postgres\"\nbin-dir = \"{bin}\"\n{data_dir}{repo_toml}\n[compression]\nalgorithm = \"zstd\"\nlevel = 3\n{extra_toml}",
             spool = dir.path().join("spool").display(),
             host = ep.host,
             port = ep.port,
             bin = std::env::var("DRCTL_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN.to_string()),
+            data_dir = data_dir.map(|d| format!("data-dir = \"{}\"\n", d.display())).unwrap_or_default(),
         );
         let config_path = dir.path().join("drctl.toml");
         std::fs::write(&config_path, text).unwrap();
+        if let Some(u) = owner() {
+            drctl::pg::cluster::chown_tree(dir.path(), &u).unwrap();
+        }
         Env {
             dir,
             config_path,
@@ -104,8 +152,12 @@ impl Env {
     }
 
     pub fn command(&self, args: &[&str]) -> std::process::Command {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_drctl"));
+        let mut cmd = match owner() {
+            Some(u) => drctl::pg::cluster::command_as(env!("CARGO_BIN_EXE_drctl"), Some(&u)),
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_drctl")),
+        };
         cmd.arg("--config").arg(&self.config_path).args(args);
+        cmd.env("HOME", self.dir.path()).current_dir(self.dir.path());
         cmd.env_remove("DRCTL_CONFIG").env_remove("DRCTL_FAULT");
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
@@ -143,6 +195,51 @@ impl Env {
             ),
         }
     }
+}
+
+/// The OS user drctl and PostgreSQL run as in tests (postgres when the tests run as root).
+pub fn owner() -> Option<drctl::pg::cluster::OsUser> {
+    drctl::pg::cluster::process_owner(None, None).unwrap()
+}
+
+impl Env {
+    /// Points the cluster's archive_command at `drctl wal push` with this env's config.
+    pub async fn enable_archiving(&self, ep: &Endpoint) {
+        let cmd = format!(
+            "{} --config {} wal push %p",
+            env!("CARGO_BIN_EXE_drctl"),
+            self.config_path.display()
+        );
+        sql(ep, "postgres", &format!("ALTER SYSTEM SET archive_command = '{cmd}'")).await;
+        sql(ep, "postgres", "SELECT pg_reload_conf()").await;
+    }
+
+    /// A path inside this env's directory, owned by the test owner.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Switches WAL and waits until the finished segment is archived.
+pub async fn switch_and_wait_archived(ep: &Endpoint) {
+    let c = ep.connect("postgres").await.unwrap();
+    let seg: String = c
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..600 {
+        let row = c
+            .query_one("SELECT coalesce(last_archived_wal, ''), failed_count, coalesce(last_failed_wal, '') FROM pg_stat_archiver", &[])
+            .await
+            .unwrap();
+        let last: String = row.get(0);
+        if last.len() >= 24 && last[..24] >= seg[..] {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("segment {seg} was not archived in 30s");
 }
 
 pub fn code(out: &Output) -> i32 {
