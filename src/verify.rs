@@ -5,6 +5,9 @@
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::repo::Manifest;
+use crate::wal::continuity::Archive;
+use crate::wal::{Segment, WalName};
 use crate::pipeline;
 use crate::repo::Repo;
 
@@ -16,6 +19,22 @@ pub enum Problem {
     ChecksumMismatch,
     ManifestCorrupt,
     Unreadable,
+    /// A WAL segment a physical backup needs is missing from the archive.
+    WalGap,
+}
+
+/// WAL coverage of one physical backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct WalVerdict {
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub timelines: Vec<u32>,
+    pub last_contiguous: Option<String>,
+    pub gaps: Vec<String>,
+    /// Earliest time a PITR from this backup can stop at (the backup's consistency point).
+    pub recoverable_from: chrono::DateTime<chrono::Utc>,
+    /// Latest: when the newest contiguous WAL segment was archived.
+    pub recoverable_to: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +51,8 @@ pub struct BackupVerdict {
     pub objects: usize,
     pub bytes: u64,
     pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalVerdict>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,6 +98,7 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
         }
         None => repo.catalog().await?,
     };
+    let mut archive: Option<Archive> = None;
     for entry in entries {
         let manifest = match entry.manifest {
             Ok(m) => m,
@@ -92,6 +114,7 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
                     objects: 0,
                     bytes: 0,
                     ok: false,
+                    wal: None,
                 });
                 continue;
             }
@@ -149,13 +172,59 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
                 }
             }
         }
+        let wal = match &manifest.physical {
+            Some(p) => {
+                if archive.is_none() {
+                    archive = Some(Archive::load(repo, p.wal_segment_size).await?);
+                }
+                let v = wal_verdict(repo, archive.as_ref().unwrap(), &manifest).await?;
+                for g in &v.gaps {
+                    report.problems.push(ObjectProblem {
+                        backup: manifest.id.clone(),
+                        key: format!("wal/{}/{g}", &g[..16.min(g.len())]),
+                        problem: Problem::WalGap,
+                        detail: format!("WAL segment {g} is missing: point-in-time recovery from this backup cannot pass it"),
+                    });
+                }
+                Some(v)
+            }
+            None => None,
+        };
         report.backups.push(BackupVerdict {
             id: manifest.id.clone(),
             objects: objects.len(),
             bytes,
             ok: report.problems.len() == before,
+            wal,
         });
     }
     Ok(report)
 }
 
+
+/// Checks the WAL chain of a physical backup and its recoverable window.
+async fn wal_verdict(repo: &Repo, archive: &Archive, m: &Manifest) -> Result<WalVerdict> {
+    let p = m.physical.as_ref().expect("physical");
+    let seg_size = p.wal_segment_size;
+    let start = Segment::parse(&p.start_wal, seg_size)
+        .ok_or_else(|| crate::error::Error::Corruption(format!("{}: bad start_wal", m.id)))?;
+    let stop = Segment::parse(&p.stop_wal, seg_size)
+        .ok_or_else(|| crate::error::Error::Corruption(format!("{}: bad stop_wal", m.id)))?;
+    let chain = archive.chain(start, Some(stop))?;
+    let recoverable_to = match (chain.ok(), chain.last_segment) {
+        (true, Some(last)) => {
+            let key = repo.key(&WalName::Segment(last).key(seg_size));
+            crate::wal::archive::read_header(repo, &key).await.ok().map(|h| h.pushed_at)
+        }
+        _ => None,
+    };
+    Ok(WalVerdict {
+        start_wal: p.start_wal.clone(),
+        stop_wal: p.stop_wal.clone(),
+        timelines: chain.timelines.clone(),
+        last_contiguous: chain.last_contiguous.clone(),
+        gaps: chain.gaps.clone(),
+        recoverable_from: m.finished_at,
+        recoverable_to,
+    })
+}

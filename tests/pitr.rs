@@ -318,3 +318,41 @@ async fn corrupt_wal_object_aborts_recovery() {
     ]);
     assert_failed_restore(&env, &out, &dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_reports_window_and_wal_gaps() {
+    let tc = common::cluster(ARCHIVING);
+    let ep = tc.cluster.endpoint();
+    let env = Env::for_cluster(&tc, RepoKind::Fs);
+    env.enable_archiving(&ep).await;
+    sql(&ep, "postgres", "CREATE TABLE marks (i int PRIMARY KEY)").await;
+    let id = env.json(&["backup", "--type", "physical"])["id"].as_str().unwrap().to_string();
+    for i in 1..=3 {
+        mark(&ep, i).await;
+        switch_and_wait_archived(&ep).await;
+    }
+    let v = env.json(&["verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+    let w = &v["backups"][0]["wal"];
+    assert!(w["recoverable_to"].is_string(), "{v}");
+    assert!(w["gaps"].as_array().unwrap().is_empty());
+    let last = w["last_contiguous"].as_str().unwrap().to_string();
+
+    // Delete a segment between the backup's stop and the newest one.
+    let stop = v["backups"][0]["wal"]["stop_wal"].as_str().unwrap().to_string();
+    let stop_n = u64::from_str_radix(&stop[16..], 16).unwrap();
+    let last_n = u64::from_str_radix(&last[16..], 16).unwrap();
+    assert!(last_n >= stop_n + 2, "need segments after the stop: {stop} .. {last}");
+    let victim = format!("{}{:08X}", &stop[..16], stop_n + 1);
+    std::fs::remove_file(env.repo_dir.join(format!("test/wal/{}/{victim}", &victim[..16]))).unwrap();
+    let out = env.drctl(&["verify", &id]);
+    assert_eq!(code(&out), 6, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&victim) && text.contains("WalGap"), "{text}");
+    // A PITR restore refuses before fetching anything.
+    let dir = env.path("gap");
+    let out = env.drctl(&["restore", "--pitr", "latest", "--target-dir", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("WAL gap") && stderr(&out).contains(&victim), "{}", stderr(&out));
+    assert!(!dir.exists(), "nothing may be fetched when the chain has a gap");
+}

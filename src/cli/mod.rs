@@ -38,7 +38,7 @@ pub enum Command {
     /// Re-read every object of every backup (or one) and check size and SHA-256.
     Verify(VerifyArgs),
     /// Restore a backup.
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Run the guided demo on a throwaway cluster and a local repository.
     Demo(DemoArgs),
     /// WAL archiving: PostgreSQL's archive_command and restore_command.

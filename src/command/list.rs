@@ -14,7 +14,19 @@ pub async fn run(ctx: &Ctx) -> Result<Output> {
     for e in &catalog {
         match &e.manifest {
             Ok(m) => {
+                let physical = m.physical.as_ref().map(|p| {
+                    json!({
+                        "start_lsn": p.start_lsn,
+                        "stop_lsn": p.stop_lsn,
+                        "timeline": p.timeline,
+                        "start_wal": p.start_wal,
+                        "stop_wal": p.stop_wal,
+                        "wal_segment_size": p.wal_segment_size,
+                        "files": p.files.len(),
+                    })
+                });
                 items.push(json!({
+                    "physical": physical,
                     "id": m.id,
                     "type": m.kind.to_string(),
                     "databases": m.database_names(),
@@ -33,7 +45,10 @@ pub async fn run(ctx: &Ctx) -> Result<Output> {
                     m.finished_at.format("%Y-%m-%d %H:%M:%S").to_string(),
                     human_bytes(m.raw_size()),
                     human_bytes(m.stored_size()),
-                    m.database_names().join(","),
+                    match &m.physical {
+                        Some(p) => format!("tl {} {}..{}", p.timeline, p.start_lsn, p.stop_lsn),
+                        None => m.database_names().join(","),
+                    },
                     "ok".into(),
                 ]);
             }
@@ -50,7 +65,7 @@ pub async fn run(ctx: &Ctx) -> Result<Output> {
     let human = if rows.is_empty() {
         format!("no backups in stanza {} ({})", repo.stanza(), repo.storage().describe())
     } else {
-        table(&["ID", "TYPE", "FINISHED (UTC)", "SIZE", "STORED", "DATABASES", "STATUS"], &rows)
+        table(&["ID", "TYPE", "FINISHED (UTC)", "SIZE", "STORED", "DATABASES / WAL", "STATUS"], &rows)
     };
     Ok(Output::ok(serde_json::Value::Array(items), human))
 }

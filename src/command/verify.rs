@@ -26,6 +26,19 @@ pub async fn run(ctx: &Ctx, backup: Option<&str>) -> Result<Output> {
     } else {
         lines.push(table(&["BACKUP", "OBJECTS", "STORED", "RESULT"], &rows));
     }
+    for b in &report.backups {
+        if let Some(w) = &b.wal {
+            lines.push(format!(
+                "{}: WAL {} .. {} on timeline(s) {:?}; recoverable from {} to {}",
+                b.id,
+                w.start_wal,
+                w.last_contiguous.clone().unwrap_or_else(|| "(none)".into()),
+                w.timelines,
+                w.recoverable_from.to_rfc3339(),
+                w.recoverable_to.map(|t| t.to_rfc3339()).unwrap_or_else(|| "(unknown)".into())
+            ));
+        }
+    }
     for p in &report.problems {
         lines.push(format!("{}: {} {:?}: {}", p.backup, p.key, p.problem, p.detail));
     }

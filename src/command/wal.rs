@@ -45,11 +45,11 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> Result<Output> {
         Err(e) => return fail(e.to_string()),
     };
     let spool = Spool::new(&crate::restore::logical::spool_dir(&ctx.config)?, &repo);
-    if let WalName::Segment(seg) = wal {
-        if spool.take(name, dest).await {
-            spawn_prefetch(ctx, seg.next(), seg_size);
-            return Ok(Output::ok(json!({"name": name, "ok": true, "from": "spool"}), String::new()));
-        }
+    if let WalName::Segment(seg) = wal
+        && spool.take(name, dest).await
+    {
+        spawn_prefetch(ctx, seg.next(), seg_size);
+        return Ok(Output::ok(json!({"name": name, "ok": true, "from": "spool"}), String::new()));
     }
     match archive::read_verified(&repo, &wal, seg_size).await {
         Ok(bytes) => {

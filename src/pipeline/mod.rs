@@ -331,6 +331,56 @@ pub async fn check(storage: &dyn Storage, key: &str, record: &ObjectRecord) -> R
         .map_err(|e| e.to_string())
 }
 
+/// Verifies and decompresses one member of a bundle already in memory. Returns the raw bytes
+/// or a message saying what is wrong (wording as in [`VerifyReader`]).
+pub async fn unpack_member(bundle: &[u8], key: &str, rec: &ObjectRecord) -> Result<Vec<u8>, String> {
+    let off = rec.offset.unwrap_or(0) as usize;
+    let end = off + rec.stored_size as usize;
+    if end > bundle.len() {
+        return Err(format!(
+            "{key}: truncated: member at {off}+{} but the object has {} bytes",
+            rec.stored_size,
+            bundle.len()
+        ));
+    }
+    let stored = &bundle[off..end];
+    let got = hex::encode(Sha256::digest(stored));
+    if got != rec.stored_sha256 {
+        return Err(format!("{key}@{off}: SHA-256 mismatch: expected {}, got {got}", rec.stored_sha256));
+    }
+    let mut raw = Vec::with_capacity(rec.raw_size as usize);
+    decompress(std::io::Cursor::new(stored.to_vec()), rec.compression)
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("{key}@{off}: cannot decompress: {e}"))?;
+    let got = hex::encode(Sha256::digest(&raw));
+    if raw.len() as u64 != rec.raw_size || got != rec.raw_sha256 {
+        return Err(format!("{key}@{off}: SHA-256 mismatch after decompression (got {got})"));
+    }
+    Ok(raw)
+}
+
+/// Compresses a small buffer in memory (bundle members, WAL segments).
+pub async fn compress_bytes(raw: &[u8], cfg: &CompressionConfig) -> std::io::Result<Vec<u8>> {
+    let mut enc = compress(std::io::Cursor::new(raw.to_vec()), cfg);
+    let mut out = Vec::with_capacity(raw.len() / 2 + 64);
+    enc.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+/// Builds the record of a buffer compressed in memory.
+pub fn record_for(key: &str, raw: &[u8], stored: &[u8], alg: Algorithm, offset: Option<u64>) -> ObjectRecord {
+    ObjectRecord {
+        key: key.to_string(),
+        compression: alg,
+        raw_size: raw.len() as u64,
+        raw_sha256: hex::encode(Sha256::digest(raw)),
+        stored_size: stored.len() as u64,
+        stored_sha256: hex::encode(Sha256::digest(stored)),
+        offset,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,52 +440,3 @@ mod tests {
     }
 }
 
-/// Verifies and decompresses one member of a bundle already in memory. Returns the raw bytes
-/// or a message saying what is wrong (wording as in [`VerifyReader`]).
-pub async fn unpack_member(bundle: &[u8], key: &str, rec: &ObjectRecord) -> Result<Vec<u8>, String> {
-    let off = rec.offset.unwrap_or(0) as usize;
-    let end = off + rec.stored_size as usize;
-    if end > bundle.len() {
-        return Err(format!(
-            "{key}: truncated: member at {off}+{} but the object has {} bytes",
-            rec.stored_size,
-            bundle.len()
-        ));
-    }
-    let stored = &bundle[off..end];
-    let got = hex::encode(Sha256::digest(stored));
-    if got != rec.stored_sha256 {
-        return Err(format!("{key}@{off}: SHA-256 mismatch: expected {}, got {got}", rec.stored_sha256));
-    }
-    let mut raw = Vec::with_capacity(rec.raw_size as usize);
-    decompress(std::io::Cursor::new(stored.to_vec()), rec.compression)
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| format!("{key}@{off}: cannot decompress: {e}"))?;
-    let got = hex::encode(Sha256::digest(&raw));
-    if raw.len() as u64 != rec.raw_size || got != rec.raw_sha256 {
-        return Err(format!("{key}@{off}: SHA-256 mismatch after decompression (got {got})"));
-    }
-    Ok(raw)
-}
-
-/// Compresses a small buffer in memory (bundle members, WAL segments).
-pub async fn compress_bytes(raw: &[u8], cfg: &CompressionConfig) -> std::io::Result<Vec<u8>> {
-    let mut enc = compress(std::io::Cursor::new(raw.to_vec()), cfg);
-    let mut out = Vec::with_capacity(raw.len() / 2 + 64);
-    enc.read_to_end(&mut out).await?;
-    Ok(out)
-}
-
-/// Builds the record of a buffer compressed in memory.
-pub fn record_for(key: &str, raw: &[u8], stored: &[u8], alg: Algorithm, offset: Option<u64>) -> ObjectRecord {
-    ObjectRecord {
-        key: key.to_string(),
-        compression: alg,
-        raw_size: raw.len() as u64,
-        raw_sha256: hex::encode(Sha256::digest(raw)),
-        stored_size: stored.len() as u64,
-        stored_sha256: hex::encode(Sha256::digest(stored)),
-        offset,
-    }
-}

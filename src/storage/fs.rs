@@ -53,7 +53,8 @@ impl FsStorage {
 }
 
 fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StorageError {
-    if e.kind() == ErrorKind::NotFound {
+    // A path running through an existing object ("a/b" where "a" is a file) is absent too.
+    if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) {
         StorageError::NotFound(key.to_string())
     } else {
         StorageError::Io {
@@ -153,7 +154,7 @@ impl Storage for FsStorage {
                 size: m.len(),
             })),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(None),
             Err(e) => Err(io_err("stat", key, e)),
         }
     }
@@ -174,7 +175,7 @@ impl Storage for FsStorage {
     async fn delete(&self, key: &str) -> StorageResult<()> {
         match tokio::fs::remove_file(self.path(key)?).await {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(()),
             Err(e) => Err(io_err("delete", key, e)),
         }
     }
@@ -200,7 +201,7 @@ fn list_blocking(root: &Path, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
     while let Some(dir) = stack.pop() {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => continue,
             Err(e) => return Err(io_err("list", &dir.display().to_string(), e)),
         };
         for entry in rd {

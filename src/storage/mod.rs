@@ -147,14 +147,18 @@ pub async fn get_bytes(storage: &dyn Storage, key: &str) -> StorageResult<Vec<u8
 
 pub type DynStorage = Arc<dyn Storage>;
 
-/// Opens the configured storage with its decorators: retries, then (tests only, from
-/// `DRCTL_FAULT`) fault injection.
+/// Opens the configured storage with its decorators: retries (fs; the S3 SDK retries its own
+/// requests), then (tests only, from `DRCTL_FAULT`) fault injection.
 pub async fn open(cfg: &crate::config::RepositoryConfig) -> StorageResult<DynStorage> {
-    let driver: DynStorage = match cfg.kind {
-        crate::config::RepositoryKind::Fs => Arc::new(fs::FsStorage::new(&cfg.path)?),
+    // The S3 SDK retries each request itself (throttling, 5xx, resets) up to max-attempts;
+    // wrapping it again would multiply the attempts.
+    let mut storage: DynStorage = match cfg.kind {
+        crate::config::RepositoryKind::Fs => Arc::new(retry::Retry::new(
+            Arc::new(fs::FsStorage::new(&cfg.path)?),
+            cfg.max_attempts,
+        )),
         crate::config::RepositoryKind::S3 => Arc::new(s3::S3Storage::new(cfg).await?),
     };
-    let mut storage: DynStorage = Arc::new(retry::Retry::new(driver, cfg.max_attempts));
     if let Ok(spec) = std::env::var("DRCTL_FAULT")
         && !spec.is_empty()
     {
