@@ -46,7 +46,7 @@ pub enum Error {
     Config(String),
     #[error("cannot connect to PostgreSQL at {target}: {message}")]
     Connect { target: String, message: String },
-    #[error("PostgreSQL: {context}: {source}")]
+    #[error("PostgreSQL: {context}: {}", pg_message(source))]
     Postgres {
         context: String,
         #[source]
@@ -105,3 +105,20 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The server's own message for database errors (tokio-postgres displays only "db error").
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut m = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                m += &format!(" ({d})");
+            }
+            if let Some(h) = db.hint() {
+                m += &format!(" hint: {h}");
+            }
+            m
+        }
+        None => e.to_string(),
+    }
+}
