@@ -41,8 +41,8 @@ pub struct WalConfig {
     /// WAL segment size in MiB (as initdb --wal-segsize; 16 unless changed).
     #[serde(default = "default_wal_seg_mib")]
     pub segment_size_mib: u64,
-    /// Compression level for WAL (default: `[compression] level`). Archiving is on the RPO
-    /// path; a lower level keeps `wal push` fast.
+    /// Compression level for WAL. Default: 1 for zstd, else `[compression] level`. Archiving
+    /// is on the RPO path; a low level keeps `wal push` fast.
     #[serde(default)]
     pub level: Option<i32>,
     /// Segments `wal fetch` prefetches ahead of replay (0 disables prefetch).
@@ -63,7 +63,9 @@ fn default_prefetch_parallel() -> usize {
     4
 }
 fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 fn default_bundle_size_mib() -> u64 {
     8
@@ -143,8 +145,10 @@ impl Config {
     /// Compression settings for WAL objects.
     pub fn wal_compression(&self) -> CompressionConfig {
         let mut c = self.compression;
-        if let Some(l) = self.wal.level {
-            c.level = l;
+        match self.wal.level {
+            Some(l) => c.level = l,
+            None if c.algorithm == Algorithm::Zstd => c.level = 1,
+            None => {}
         }
         c
     }
@@ -357,13 +361,8 @@ impl Config {
 
     /// Parses TOML text; errors name the file, the key and the line.
     pub fn parse(text: &str, path: &Path) -> Result<Config, Error> {
-        toml::from_str(text).map_err(|e| {
-            Error::Config(format!(
-                "{}: {}",
-                path.display(),
-                e.to_string().trim_end()
-            ))
-        })
+        toml::from_str(text)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end())))
     }
 
     /// `DRCTL_*` environment overrides for the commonly scripted keys.
@@ -394,7 +393,10 @@ impl Config {
     /// Checks values a type cannot express. Errors name the key and the file.
     pub fn validate(&self, path: &Path) -> Result<(), Error> {
         let bad = |key: &str, why: String| {
-            Err(Error::Config(format!("{}: key `{key}`: {why}", path.display())))
+            Err(Error::Config(format!(
+                "{}: key `{key}`: {why}",
+                path.display()
+            )))
         };
         if self.stanza.is_empty()
             || !self
@@ -404,7 +406,10 @@ impl Config {
         {
             return bad(
                 "stanza",
-                format!("{:?} must be non-empty and use only letters, digits, '-', '_', '.'", self.stanza),
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                    self.stanza
+                ),
             );
         }
         if self.postgres.port == 0 {
@@ -420,7 +425,10 @@ impl Config {
         if c.algorithm != Algorithm::None && !range.contains(&c.level) {
             return bad(
                 "compression.level",
-                format!("{} is out of range {range:?} for {:?}", c.level, c.algorithm),
+                format!(
+                    "{} is out of range {range:?} for {:?}",
+                    c.level, c.algorithm
+                ),
             );
         }
         if c.threads > 64 {
@@ -448,13 +456,19 @@ impl Config {
             );
         }
         if !self.wal.segment_size_mib.is_power_of_two() || self.wal.segment_size_mib > 1024 {
-            return bad("wal.segment-size-mib", "must be a power of two, 1..=1024".into());
+            return bad(
+                "wal.segment-size-mib",
+                "must be a power of two, 1..=1024".into(),
+            );
         }
         if let Some(l) = self.wal.level
             && c.algorithm != Algorithm::None
             && !range.contains(&l)
         {
-            return bad("wal.level", format!("{l} is out of range {range:?} for {:?}", c.algorithm));
+            return bad(
+                "wal.level",
+                format!("{l} is out of range {range:?} for {:?}", c.algorithm),
+            );
         }
         if self.wal.prefetch_parallel == 0 || self.wal.prefetch_parallel > 32 {
             return bad("wal.prefetch-parallel", "must be 1..=32".into());
@@ -491,7 +505,11 @@ mod tests {
 
     #[test]
     fn impossible_value_is_named() {
-        let cfg = Config::parse("[compression]\nalgorithm = \"gzip\"\nlevel = 42\n", Path::new("/c.toml")).unwrap();
+        let cfg = Config::parse(
+            "[compression]\nalgorithm = \"gzip\"\nlevel = 42\n",
+            Path::new("/c.toml"),
+        )
+        .unwrap();
         let err = cfg.validate(Path::new("/c.toml")).unwrap_err();
         assert!(err.to_string().contains("compression.level"), "{err}");
         let cfg = Config::parse("[repository]\nkind = \"s3\"\n", Path::new("/c.toml")).unwrap();

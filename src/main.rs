@@ -34,7 +34,10 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
     let ctx = Ctx {
         config,
         json: cli.json,
-        config_path: cli.config.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+        config_path: cli
+            .config
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
     };
     match &cli.command {
         Command::Backup(a) => command::backup::run(&ctx, a).await,
@@ -43,7 +46,9 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
         Command::Restore(a) => command::restore::run(&ctx, a).await,
         Command::Demo(a) => command::demo::run(&ctx, a).await,
         Command::Wal(WalCommand::Push { path }) => command::wal::push(&ctx, path).await,
-        Command::Wal(WalCommand::Fetch { name, dest }) => command::wal::fetch(&ctx, name, dest).await,
+        Command::Wal(WalCommand::Fetch { name, dest }) => {
+            command::wal::fetch(&ctx, name, dest).await
+        }
         Command::Wal(WalCommand::Prefetch { first }) => command::wal::prefetch(&ctx, first).await,
     }
 }
@@ -51,7 +56,10 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
 fn main() {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("drctl: cannot start runtime: {e}");
@@ -61,7 +69,10 @@ fn main() {
     let code = match rt.block_on(dispatch(&cli)) {
         Ok(out) => {
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&out.json).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out.json).unwrap_or_default()
+                );
             } else if !out.human.is_empty() {
                 println!("{}", out.human);
             }

@@ -5,11 +5,11 @@
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::pipeline;
 use crate::repo::Manifest;
+use crate::repo::Repo;
 use crate::wal::continuity::Archive;
 use crate::wal::{Segment, WalName};
-use crate::pipeline;
-use crate::repo::Repo;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -69,7 +69,10 @@ impl VerifyReport {
 
 /// Classifies a failed read by its message (the verifier's wording is ours, see pipeline).
 fn classify(err: &str) -> Problem {
-    if err.contains("truncated") || err.contains("wrong size") || err.contains("larger than recorded") {
+    if err.contains("truncated")
+        || err.contains("wrong size")
+        || err.contains("larger than recorded")
+    {
         Problem::Truncated
     } else {
         Problem::ChecksumMismatch
@@ -123,7 +126,8 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
         let objects = manifest.objects();
         let bytes = objects.iter().map(|o| o.stored_size).sum();
         // Group by stored object: a bundle is read once and all its members checked in memory.
-        let mut groups: std::collections::BTreeMap<&str, Vec<&crate::pipeline::ObjectRecord>> = Default::default();
+        let mut groups: std::collections::BTreeMap<&str, Vec<&crate::pipeline::ObjectRecord>> =
+            Default::default();
         for o in &objects {
             groups.entry(o.key.as_str()).or_default().push(o);
         }
@@ -159,9 +163,10 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
                 continue;
             }
             match crate::storage::get_bytes(&**repo.storage(), &key).await {
-                Err(crate::storage::StorageError::NotFound(_)) => {
-                    push(Problem::Missing, format!("bundle of {} files does not exist", members.len()))
-                }
+                Err(crate::storage::StorageError::NotFound(_)) => push(
+                    Problem::Missing,
+                    format!("bundle of {} files does not exist", members.len()),
+                ),
                 Err(e) => push(Problem::Unreadable, e.to_string()),
                 Ok(bundle) => {
                     for m in members {
@@ -201,7 +206,6 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
     Ok(report)
 }
 
-
 /// Checks the WAL chain of a physical backup and its recoverable window.
 async fn wal_verdict(repo: &Repo, archive: &Archive, m: &Manifest) -> Result<WalVerdict> {
     let p = m.physical.as_ref().expect("physical");
@@ -214,7 +218,10 @@ async fn wal_verdict(repo: &Repo, archive: &Archive, m: &Manifest) -> Result<Wal
     let recoverable_to = match (chain.ok(), chain.last_segment) {
         (true, Some(last)) => {
             let key = repo.key(&WalName::Segment(last).key(seg_size));
-            crate::wal::archive::read_header(repo, &key).await.ok().map(|h| h.pushed_at)
+            crate::wal::archive::read_header(repo, &key)
+                .await
+                .ok()
+                .map(|h| h.pushed_at)
         }
         _ => None,
     };

@@ -23,7 +23,8 @@ async fn round_trip(kind: RepoKind) {
     let env = Env::new(&ep, kind);
 
     // --json may follow the subcommand; the object has at least `id`.
-    let out: serde_json::Value = serde_json::from_str(&env.ok(&["backup", "--type", "logical", "--json"])).unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(&env.ok(&["backup", "--type", "logical", "--json"])).unwrap();
     let id = out["id"].as_str().unwrap().to_string();
     assert!(id.ends_with("-L"), "{id}");
 
@@ -34,7 +35,12 @@ async fn round_trip(kind: RepoKind) {
     assert_eq!(b["id"], id.as_str());
     assert_eq!(b["type"], "logical");
     assert_eq!(b["status"], "ok");
-    let dbs: Vec<&str> = b["databases"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let dbs: Vec<&str> = b["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     assert_eq!(dbs, vec!["app", "postgres"]);
     for k in ["started_at", "finished_at"] {
         chrono::DateTime::parse_from_rfc3339(b[k].as_str().unwrap()).expect(k);
@@ -42,18 +48,44 @@ async fn round_trip(kind: RepoKind) {
     assert!(b["size"].as_u64().unwrap() > b["stored_size"].as_u64().unwrap());
 
     env.ok(&["verify"]);
-    env.ok(&["restore", "--logical", "--database", "app", "--target-database", "app_copy", "--jobs", "2"]);
+    env.ok(&[
+        "restore",
+        "--logical",
+        "--database",
+        "app",
+        "--target-database",
+        "app_copy",
+        "--jobs",
+        "2",
+    ]);
     let a = table_digests(&ep, "app").await.unwrap();
     let c = table_digests(&ep, "app_copy").await.unwrap();
     assert_eq!(a.len(), 3);
     assert_eq!(a, c, "restored contents differ");
 
     // An existing target is refused without --clean, and replaced with it.
-    let again = env.drctl(&["restore", "--logical", "--database", "app", "--target-database", "app_copy"]);
+    let again = env.drctl(&[
+        "restore",
+        "--logical",
+        "--database",
+        "app",
+        "--target-database",
+        "app_copy",
+    ]);
     assert_eq!(code(&again), 8, "{}", stderr(&again));
     assert!(stderr(&again).contains("--clean"), "{}", stderr(&again));
     sql(&ep, "app_copy", "DELETE FROM audit_bundles").await;
-    env.ok(&["restore", "--logical", "--backup", &id, "--database", "app", "--target-database", "app_copy", "--clean"]);
+    env.ok(&[
+        "restore",
+        "--logical",
+        "--backup",
+        &id,
+        "--database",
+        "app",
+        "--target-database",
+        "app_copy",
+        "--clean",
+    ]);
     assert_eq!(table_digests(&ep, "app_copy").await.unwrap(), a);
 }
 
@@ -95,25 +127,42 @@ async fn damaged(kind: RepoKind, damage: &str) {
         .to_string();
     let st = env.storage().await;
     let objs = st.list(&format!("test/backups/{id}/")).await.unwrap();
-    let dump = objs.iter().find(|o| o.key.contains("-app.pgdump")).expect("dump object").key.clone();
+    let dump = objs
+        .iter()
+        .find(|o| o.key.contains("-app.pgdump"))
+        .expect("dump object")
+        .key
+        .clone();
     let bytes = storage::get_bytes(&*st, &dump).await.unwrap();
     match damage {
         "flip" => {
             let mut b = bytes.clone();
             let i = b.len() / 2;
             b[i] ^= 0x40;
-            storage::put_bytes(&*st, &dump, Bytes::from(b), PutMode::Overwrite).await.unwrap();
-        }
-        "truncate" => {
-            storage::put_bytes(&*st, &dump, Bytes::from(bytes[..bytes.len() - 100].to_vec()), PutMode::Overwrite)
+            storage::put_bytes(&*st, &dump, Bytes::from(b), PutMode::Overwrite)
                 .await
                 .unwrap();
+        }
+        "truncate" => {
+            storage::put_bytes(
+                &*st,
+                &dump,
+                Bytes::from(bytes[..bytes.len() - 100].to_vec()),
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
         }
         "delete" => st.delete(&dump).await.unwrap(),
         _ => unreachable!(),
     }
     let out = env.drctl(&["verify"]);
-    assert_eq!(code(&out), 6, "verify must report corruption: {}", stderr(&out));
+    assert_eq!(
+        code(&out),
+        6,
+        "verify must report corruption: {}",
+        stderr(&out)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let rel = dump.strip_prefix("test/").unwrap();
     assert!(text.contains(rel), "verify must name {rel}: {text}");
@@ -128,10 +177,25 @@ async fn damaged(kind: RepoKind, damage: &str) {
     assert_eq!(v["ok"], false);
     assert_eq!(v["problems"].as_array().unwrap().len(), 1);
 
-    let out = env.drctl(&["restore", "--logical", "--database", "app", "--target-database", "app_bad"]);
+    let out = env.drctl(&[
+        "restore",
+        "--logical",
+        "--database",
+        "app",
+        "--target-database",
+        "app_bad",
+    ]);
     assert_eq!(code(&out), 6, "restore must refuse: {}", stderr(&out));
-    let exists = query_i64(&ep, "postgres", "SELECT count(*) FROM pg_database WHERE datname = 'app_bad'").await;
-    assert_eq!(exists, 0, "a refused restore must not leave a database behind");
+    let exists = query_i64(
+        &ep,
+        "postgres",
+        "SELECT count(*) FROM pg_database WHERE datname = 'app_bad'",
+    )
+    .await;
+    assert_eq!(
+        exists, 0,
+        "a refused restore must not leave a database behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -163,9 +227,16 @@ async fn missing_s3() {
 async fn corrupt_manifest_is_reported() {
     let tc = app_cluster(100).await;
     let env = Env::new(&tc.cluster.endpoint(), RepoKind::Fs);
-    let id = env.json(&["backup", "--type", "logical"])["id"].as_str().unwrap().to_string();
-    let path = env.repo_dir.join(format!("test/backups/{id}/manifest.json"));
-    let text = std::fs::read_to_string(&path).unwrap().replace("\"app\"", "\"apq\"");
+    let id = env.json(&["backup", "--type", "logical"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = env
+        .repo_dir
+        .join(format!("test/backups/{id}/manifest.json"));
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"app\"", "\"apq\"");
     std::fs::write(&path, text).unwrap();
     let out = env.drctl(&["verify"]);
     assert_eq!(code(&out), 6, "{}", stderr(&out));
@@ -179,12 +250,20 @@ async fn interrupted(kind: RepoKind) {
     let ep = tc.cluster.endpoint();
     sql(&ep, "postgres", "CREATE DATABASE aaa").await;
     sql(&ep, "postgres", "CREATE DATABASE big").await;
-    sql(&ep, "aaa", "CREATE TABLE t AS SELECT generate_series(1, 10) i").await;
+    sql(
+        &ep,
+        "aaa",
+        "CREATE TABLE t AS SELECT generate_series(1, 10) i",
+    )
+    .await;
     // ~60 MB of poorly compressible text so the second dump takes a while.
     sql(&ep, "big", "CREATE TABLE t AS SELECT i, md5(i::text) || md5((i+1)::text) || md5((i+2)::text) AS s FROM generate_series(1, 600000) i").await;
     let env = Env::new(&ep, kind);
     let st = env.storage().await;
-    let mut child = env.command(&["backup", "--type", "logical"]).spawn().unwrap();
+    let mut child = env
+        .command(&["backup", "--type", "logical"])
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut killed = false;
     while std::time::Instant::now() < deadline {
@@ -200,13 +279,26 @@ async fn interrupted(kind: RepoKind) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let status = child.wait().unwrap();
-    assert!(killed && !status.success(), "backup was not interrupted mid-upload (status {status})");
+    assert!(
+        killed && !status.success(),
+        "backup was not interrupted mid-upload (status {status})"
+    );
     let objs = st.list("test/backups/").await.unwrap();
-    assert!(!objs.is_empty(), "the killed backup left objects, which is expected before cleanup");
+    assert!(
+        !objs.is_empty(),
+        "the killed backup left objects, which is expected before cleanup"
+    );
     assert!(!objs.iter().any(|o| o.key.ends_with("manifest.json")));
-    assert_eq!(env.json(&["list"]).as_array().unwrap().len(), 0, "interrupted backup must not be listed");
+    assert_eq!(
+        env.json(&["list"]).as_array().unwrap().len(),
+        0,
+        "interrupted backup must not be listed"
+    );
     env.ok(&["verify"]);
-    let id = env.json(&["backup", "--type", "logical"])["id"].as_str().unwrap().to_string();
+    let id = env.json(&["backup", "--type", "logical"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let list = env.json(&["list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["id"], id.as_str());
@@ -238,18 +330,39 @@ async fn clear_errors_and_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(code(&out), 3, "{}", stderr(&out));
-    assert!(stderr(&out).contains("hots") && stderr(&out).contains("bad.toml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("hots") && stderr(&out).contains("bad.toml"),
+        "{}",
+        stderr(&out)
+    );
     // Wrong type and impossible value.
     std::fs::write(&bad, "[postgres]\nport = \"five\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl")).arg("--config").arg(&bad).arg("list").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("list")
+        .output()
+        .unwrap();
     assert_eq!(code(&out), 3);
     assert!(stderr(&out).contains("port"), "{}", stderr(&out));
     std::fs::write(&bad, "[compression]\nlevel = 99\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl")).arg("--config").arg(&bad).arg("list").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("list")
+        .output()
+        .unwrap();
     assert_eq!(code(&out), 3);
-    assert!(stderr(&out).contains("compression.level"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("compression.level"),
+        "{}",
+        stderr(&out)
+    );
     // Missing config file given explicitly.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl")).args(["--config", "/nonexistent/drctl.toml", "list"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl"))
+        .args(["--config", "/nonexistent/drctl.toml", "list"])
+        .output()
+        .unwrap();
     assert_eq!(code(&out), 3);
 
     // Usage error.
@@ -271,14 +384,25 @@ async fn clear_errors_and_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(code(&out), 4, "{}", stderr(&out));
-    assert!(stderr(&out).contains(&format!("127.0.0.1:{closed}")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("127.0.0.1:{closed}")),
+        "{}",
+        stderr(&out)
+    );
 
     // Unknown backup id.
     let out = env.drctl(&["verify", "20000101T000000Z-L"]);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
     // Unknown database in the backup.
     env.ok(&["backup", "--type", "logical"]);
-    let out = env.drctl(&["restore", "--logical", "--database", "nope", "--target-database", "x"]);
+    let out = env.drctl(&[
+        "restore",
+        "--logical",
+        "--database",
+        "nope",
+        "--target-database",
+        "x",
+    ]);
     assert_eq!(code(&out), 7, "{}", stderr(&out));
 }
 
@@ -287,12 +411,24 @@ async fn s3_wrong_credentials_and_missing_bucket() {
     let tc = app_cluster(10).await;
     let ep = tc.cluster.endpoint();
     let env = Env::new(&ep, RepoKind::S3);
-    let out = env.drctl_env(&["backup", "--type", "logical"], &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")]);
+    let out = env.drctl_env(
+        &["backup", "--type", "logical"],
+        &[("AWS_SECRET_ACCESS_KEY", "wrong-secret")],
+    );
     assert_eq!(code(&out), 5, "{}", stderr(&out));
-    assert!(stderr(&out).to_lowercase().contains("access denied") || stderr(&out).contains("Signature"), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("wrong-secret"), "secrets must not be logged");
+    assert!(
+        stderr(&out).to_lowercase().contains("access denied") || stderr(&out).contains("Signature"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !stderr(&out).contains("wrong-secret"),
+        "secrets must not be logged"
+    );
 
-    let cfg = std::fs::read_to_string(&env.config_path).unwrap().replace("bucket = \"", "bucket = \"missing-");
+    let cfg = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("bucket = \"", "bucket = \"missing-");
     let nb = env.dir.path().join("nobucket.toml");
     std::fs::write(&nb, cfg).unwrap();
     let mut cmd = env.command(&["list"]);

@@ -16,8 +16,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pg::{self, Binaries, Endpoint};
 use crate::pipeline::{self, PipelineError};
-use crate::repo::manifest::{BackupKind, LogicalDatabase, MANIFEST_FORMAT, Manifest};
 use crate::repo::Repo;
+use crate::repo::manifest::{BackupKind, LogicalDatabase, MANIFEST_FORMAT, Manifest};
 use crate::storage::PutMode;
 
 #[derive(Debug, Clone, Default)]
@@ -34,7 +34,8 @@ pub async fn run(cfg: &Config, repo: &Repo, opts: &LogicalOptions) -> Result<Man
     let ep = Endpoint::from_config(&cfg.postgres);
     let control = ep.connect(&cfg.postgres.database).await?;
     let info = pg::server_info(&control).await?;
-    repo.ensure_stanza(&info.system_identifier, &info.version).await?;
+    repo.ensure_stanza(&info.system_identifier, &info.version)
+        .await?;
 
     let databases = choose_databases(&control, &opts.databases).await?;
     let bins = Binaries::locate(cfg.postgres.bin_dir.as_deref());
@@ -106,7 +107,13 @@ async fn choose_databases(control: &Client, wanted: &[String]) -> Result<Vec<Str
 fn object_name(index: usize, db: &str, suffix: &str) -> String {
     let safe: String = db
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     format!("{index:03}-{safe}.pgdump{suffix}")
@@ -138,10 +145,20 @@ async fn dump_one(
     let mut child = tokio::process::Command::new(bins.path("pg_dump"))
         .args(["--format=custom", "--compress=0", "--no-sync"])
         .arg(format!("--snapshot={snapshot}"))
-        .args(["--host", &ep.host, "--port", &ep.port.to_string(), "--username", &ep.user])
+        .args([
+            "--host",
+            &ep.host,
+            "--port",
+            &ep.port.to_string(),
+            "--username",
+            &ep.user,
+        ])
         .env("PGDATABASE", db)
         .env("PGAPPNAME", "drctl-pg_dump")
-        .env("PGCONNECT_TIMEOUT", ep.connect_timeout.as_secs().max(1).to_string())
+        .env(
+            "PGCONNECT_TIMEOUT",
+            ep.connect_timeout.as_secs().max(1).to_string(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -159,11 +176,22 @@ async fn dump_one(
     });
 
     // 3. Stream it into the repository while counting rows in the same snapshot.
-    let rel = format!("{}{}", Repo::backup_prefix(id), object_name(index, db, cfg.compression.algorithm.suffix()));
+    let rel = format!(
+        "{}{}",
+        Repo::backup_prefix(id),
+        object_name(index, db, cfg.compression.algorithm.suffix())
+    );
     let key = repo.key(&rel);
     let storage = repo.storage().clone();
     let compression = cfg.compression;
-    let upload = pipeline::upload(&*storage, &key, &rel, stdout, &compression, PutMode::IfAbsent);
+    let upload = pipeline::upload(
+        &*storage,
+        &key,
+        &rel,
+        stdout,
+        &compression,
+        PutMode::IfAbsent,
+    );
     let counts = async {
         if opts.skip_row_counts {
             Ok(BTreeMap::new())
@@ -172,7 +200,10 @@ async fn dump_one(
         }
     };
     let (uploaded, counts) = tokio::join!(upload, counts);
-    let status = child.wait().await.map_err(|e| Error::io("wait for pg_dump", e))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| Error::io("wait for pg_dump", e))?;
     let stderr_text = stderr_task.await.unwrap_or_default();
     if !status.success() {
         return Err(Error::Failed(format!(
@@ -186,7 +217,12 @@ async fn dump_one(
     })?;
     let row_counts = counts?;
     let _ = conn.batch_execute("COMMIT").await;
-    tracing::info!(database = db, raw = object.raw_size, stored = object.stored_size, "database dumped");
+    tracing::info!(
+        database = db,
+        raw = object.raw_size,
+        stored = object.stored_size,
+        "database dumped"
+    );
     Ok(LogicalDatabase {
         name: db.to_string(),
         object,
@@ -208,7 +244,11 @@ async fn row_counts(conn: &Client) -> Result<BTreeMap<String, i64>> {
     let mut out = BTreeMap::new();
     for t in tables {
         let (schema, table): (String, String) = (t.get(0), t.get(1));
-        let q = format!("SELECT count(*) FROM {}.{}", pg::quote_ident(&schema), pg::quote_ident(&table));
+        let q = format!(
+            "SELECT count(*) FROM {}.{}",
+            pg::quote_ident(&schema),
+            pg::quote_ident(&table)
+        );
         let n: i64 = conn
             .query_one(&q, &[])
             .await

@@ -103,7 +103,9 @@ fn is_temp(name: &str) -> bool {
     {
         return !a.is_empty()
             && a.bytes().all(|c| c.is_ascii_digit())
-            && b.split(['.', '_']).next().is_some_and(|x| !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit()));
+            && b.split(['.', '_'])
+                .next()
+                .is_some_and(|x| !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit()));
     }
     false
 }
@@ -153,7 +155,8 @@ fn walk(root: &Path) -> Result<Walked> {
                 }
                 stack.push(relp);
             } else if ft.is_file() {
-                out.files.push((rels, meta.len(), meta.mtime(), meta.mode() & 0o7777));
+                out.files
+                    .push((rels, meta.len(), meta.mtime(), meta.mode() & 0o7777));
             }
         }
     }
@@ -183,9 +186,13 @@ pub async fn run(cfg: &Config, repo: &Repo, jobs: Option<usize>) -> Result<Manif
     }
     // 1. Preconditions: this host holds the data directory, WAL goes to this stanza.
     check_preconditions(&conn, &data_dir).await?;
-    repo.ensure_stanza(&info.system_identifier, &info.version).await?;
+    repo.ensure_stanza(&info.system_identifier, &info.version)
+        .await?;
     let seg_size: u64 = conn
-        .query_one("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'", &[])
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'",
+            &[],
+        )
         .await
         .map_err(|e| Error::pg("reading wal_segment_size", e))?
         .get::<_, i64>(0) as u64;
@@ -206,7 +213,10 @@ pub async fn run(cfg: &Config, repo: &Repo, jobs: Option<usize>) -> Result<Manif
     // 3. Copy the files; on any failure stop the backup and remove what was written.
     let copied = copy_files(cfg, repo, &data_dir, &id, jobs.unwrap_or(cfg.backup.jobs)).await;
     let stop = conn
-        .query_one("SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)", &[])
+        .query_one(
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)",
+            &[],
+        )
         .await
         .map_err(|e| Error::pg("pg_backup_stop", e));
     let result: Result<Manifest> = async {
@@ -270,7 +280,10 @@ async fn check_preconditions(conn: &tokio_postgres::Client, data_dir: &Path) -> 
         .await
         .map_err(|e| Error::pg("reading settings", e))?;
     let server_dir: String = row.get(0);
-    let same = match (std::fs::canonicalize(&server_dir), std::fs::canonicalize(data_dir)) {
+    let same = match (
+        std::fs::canonicalize(&server_dir),
+        std::fs::canonicalize(data_dir),
+    ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     };
@@ -304,7 +317,12 @@ fn parse_label_timeline(label: &str) -> Result<u32> {
         .ok_or_else(|| Error::Failed(format!("backup_label has no START TIMELINE: {label}")))
 }
 
-async fn wait_for_archive(repo: &Repo, seg: Segment, seg_size: u64, timeout_secs: u64) -> Result<()> {
+async fn wait_for_archive(
+    repo: &Repo,
+    seg: Segment,
+    seg_size: u64,
+    timeout_secs: u64,
+) -> Result<()> {
     let key = repo.key(&WalName::Segment(seg).key(seg_size));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
     loop {
@@ -324,7 +342,13 @@ async fn wait_for_archive(repo: &Repo, seg: Segment, seg_size: u64, timeout_secs
 
 type Copied = (Vec<String>, Vec<FileEntry>);
 
-async fn copy_files(cfg: &Config, repo: &Repo, data_dir: &Path, id: &str, jobs: usize) -> Result<Copied> {
+async fn copy_files(
+    cfg: &Config,
+    repo: &Repo,
+    data_dir: &Path,
+    id: &str,
+    jobs: usize,
+) -> Result<Copied> {
     let root = data_dir.to_path_buf();
     let walked = tokio::task::spawn_blocking(move || walk(&root))
         .await
@@ -369,7 +393,9 @@ async fn copy_files(cfg: &Config, repo: &Repo, data_dir: &Path, id: &str, jobs: 
         set.spawn(async move {
             let _permit = permit;
             match w {
-                Work::Large(f) => copy_large(&repo, &data_dir, &id, f, &cfg).await.map(|e| e.into_iter().collect()),
+                Work::Large(f) => copy_large(&repo, &data_dir, &id, f, &cfg)
+                    .await
+                    .map(|e| e.into_iter().collect()),
                 Work::Bundle(n, files) => copy_bundle(&repo, &data_dir, &id, n, files, &cfg).await,
             }
         });
@@ -402,12 +428,19 @@ async fn copy_large(
         Err(e) => return Err(Error::io(format!("open {path}"), e)),
     };
     let rel = object_key(id, &format!("data/{path}{}", cfg.algorithm.suffix()));
-    let object = pipeline::upload(&**repo.storage(), &repo.key(&rel), &rel, file, cfg, PutMode::Overwrite)
-        .await
-        .map_err(|e| match e {
-            PipelineError::Storage(s) => Error::Storage(s),
-            other => Error::Failed(format!("{path}: {other}")),
-        })?;
+    let object = pipeline::upload(
+        &**repo.storage(),
+        &repo.key(&rel),
+        &rel,
+        file,
+        cfg,
+        PutMode::Overwrite,
+    )
+    .await
+    .map_err(|e| match e {
+        PipelineError::Storage(s) => Error::Storage(s),
+        other => Error::Failed(format!("{path}: {other}")),
+    })?;
     Ok(Some(FileEntry {
         path,
         mtime,
@@ -436,7 +469,8 @@ async fn copy_bundle(
         let stored = pipeline::compress_bytes(&raw, cfg)
             .await
             .map_err(|e| Error::io(format!("compress {path}"), e))?;
-        let object = pipeline::record_for(&rel, &raw, &stored, cfg.algorithm, Some(buf.len() as u64));
+        let object =
+            pipeline::record_for(&rel, &raw, &stored, cfg.algorithm, Some(buf.len() as u64));
         buf.extend_from_slice(&stored);
         entries.push(FileEntry {
             path,
@@ -446,7 +480,13 @@ async fn copy_bundle(
         });
     }
     if !entries.is_empty() {
-        storage::put_bytes(&**repo.storage(), &repo.key(&rel), Bytes::from(buf), PutMode::Overwrite).await?;
+        storage::put_bytes(
+            &**repo.storage(),
+            &repo.key(&rel),
+            Bytes::from(buf),
+            PutMode::Overwrite,
+        )
+        .await?;
     }
     Ok(entries)
 }
@@ -470,7 +510,14 @@ mod tests {
     fn walk_skips_what_pg_basebackup_skips() {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
-        for dir in ["base/1", "global", "pg_wal/archive_status", "pg_replslot/s", "pg_stat_tmp", "base/pgsql_tmp"] {
+        for dir in [
+            "base/1",
+            "global",
+            "pg_wal/archive_status",
+            "pg_replslot/s",
+            "pg_stat_tmp",
+            "base/pgsql_tmp",
+        ] {
             std::fs::create_dir_all(r.join(dir)).unwrap();
         }
         for f in [
@@ -490,7 +537,10 @@ mod tests {
         }
         let w = walk(r).unwrap();
         let files: Vec<&str> = w.files.iter().map(|f| f.0.as_str()).collect();
-        assert_eq!(files, vec!["PG_VERSION", "base/1/1259", "global/pg_control"]);
+        assert_eq!(
+            files,
+            vec!["PG_VERSION", "base/1/1259", "global/pg_control"]
+        );
         assert!(w.dirs.contains(&"pg_wal".to_string()));
         assert!(w.dirs.contains(&"pg_wal/archive_status".to_string()));
         assert!(w.dirs.contains(&"pg_replslot".to_string()));

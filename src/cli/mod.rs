@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "drctl", version, about = "Disaster recovery and backup orchestration for PostgreSQL")]
+#[command(
+    name = "drctl",
+    version,
+    about = "Disaster recovery and backup orchestration for PostgreSQL"
+)]
 pub struct Cli {
     /// Config file (else DRCTL_CONFIG, else /etc/drctl/drctl.toml).
     #[arg(long, global = true, env = "DRCTL_CONFIG_FILE")]
@@ -62,9 +66,7 @@ pub enum WalCommand {
         dest: PathBuf,
     },
     /// Download the segments from FIRST on into the spool (started by `wal fetch`).
-    Prefetch {
-        first: String,
-    },
+    Prefetch { first: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -180,7 +182,11 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// Renders rows as an aligned text table.

@@ -83,19 +83,34 @@ fn reexec_as_owner(args: &DemoArgs) -> Result<Option<Output>> {
     let copy = dir.path().join("drctl");
     std::fs::copy(&exe, &copy).map_err(|e| Error::io("copy drctl", e))?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).map_err(|e| Error::io("chmod", e))?;
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).map_err(|e| Error::io("chmod", e))?;
-    eprintln!("==> running as root: the demo runs as the {} user", owner.name);
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io("chmod", e))?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io("chmod", e))?;
+    eprintln!(
+        "==> running as root: the demo runs as the {} user",
+        owner.name
+    );
     let mut cmd = crate::pg::cluster::command_as(&copy, Some(&owner));
-    cmd.arg("demo").arg("--rows").arg(args.rows.to_string()).current_dir("/tmp").env("HOME", "/tmp");
+    cmd.arg("demo")
+        .arg("--rows")
+        .arg(args.rows.to_string())
+        .current_dir("/tmp")
+        .env("HOME", "/tmp");
     if args.keep {
         cmd.arg("--keep");
     }
-    let status = cmd.status().map_err(|e| Error::io("run demo as postgres", e))?;
+    let status = cmd
+        .status()
+        .map_err(|e| Error::io("run demo as postgres", e))?;
     Ok(Some(Output {
         json: json!({"ok": status.success()}),
         human: String::new(),
-        exit: if status.success() { ExitCode::Ok } else { ExitCode::Failure },
+        exit: if status.success() {
+            ExitCode::Ok
+        } else {
+            ExitCode::Failure
+        },
     }))
 }
 
@@ -146,7 +161,10 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
         "SELECT pg_reload_conf()".into(),
         "CREATE DATABASE app".into(),
     ] {
-        admin.batch_execute(&q).await.map_err(|e| Error::pg("configure archiving", e))?;
+        admin
+            .batch_execute(&q)
+            .await
+            .map_err(|e| Error::pg("configure archiving", e))?;
     }
     let app = ep.connect("app").await?;
     app.batch_execute(SAMPLE_SCHEMA)
@@ -155,9 +173,17 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
     app.batch_execute(&sample_data_sql(args.rows))
         .await
         .map_err(|e| Error::pg("sample data", e))?;
-    steps.push(json!({"step": "cluster", "seconds": t.elapsed().as_secs_f64(), "port": tc.cluster.port}));
-    eprintln!("    cluster on port {} (socket {}), database app with {} runs", tc.cluster.port, ep.host, args.rows);
-    eprintln!("    config {} ; archive_command = drctl wal push", config_path.display());
+    steps.push(
+        json!({"step": "cluster", "seconds": t.elapsed().as_secs_f64(), "port": tc.cluster.port}),
+    );
+    eprintln!(
+        "    cluster on port {} (socket {}), database app with {} runs",
+        tc.cluster.port, ep.host, args.rows
+    );
+    eprintln!(
+        "    config {} ; archive_command = drctl wal push",
+        config_path.display()
+    );
 
     let ctx = Ctx {
         config,
@@ -174,13 +200,24 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
     say("drctl backup --type logical");
     let t = Instant::now();
     let out = super::backup::run(&ctx, &backup(crate::cli::BackupType::Logical)).await?;
-    eprintln!("    backup {} in {:.2}s", out.human, t.elapsed().as_secs_f64());
-    steps.push(json!({"step": "backup-logical", "seconds": t.elapsed().as_secs_f64(), "backup": out.json}));
+    eprintln!(
+        "    backup {} in {:.2}s",
+        out.human,
+        t.elapsed().as_secs_f64()
+    );
+    steps.push(
+        json!({"step": "backup-logical", "seconds": t.elapsed().as_secs_f64(), "backup": out.json}),
+    );
 
     say("drctl backup --type physical");
     let t = Instant::now();
     let out = super::backup::run(&ctx, &backup(crate::cli::BackupType::Physical)).await?;
-    eprintln!("    backup {} in {:.2}s ({} files)", out.human, t.elapsed().as_secs_f64(), out.json["files"]);
+    eprintln!(
+        "    backup {} in {:.2}s ({} files)",
+        out.human,
+        t.elapsed().as_secs_f64(),
+        out.json["files"]
+    );
     steps.push(json!({"step": "backup-physical", "seconds": t.elapsed().as_secs_f64(), "backup": out.json}));
 
     say("the incident: more work is committed, then someone deletes every audit bundle");
@@ -244,7 +281,9 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
     steps.push(json!({"step": "restore-logical", "seconds": t.elapsed().as_secs_f64()}));
 
     let port = crate::pg::cluster::free_port();
-    say(&format!("drctl restore --pitr {before} --target-dir ... --target-port {port} (undo the delete)"));
+    say(&format!(
+        "drctl restore --pitr {before} --target-dir ... --target-port {port} (undo the delete)"
+    ));
     let t = Instant::now();
     let target_dir = tc.path().join("pitr");
     rargs.logical = false;
@@ -267,23 +306,42 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
             x.0.clone(),
             x.1.to_string(),
             y.1.to_string(),
-            if x == y { "identical".into() } else { "DIFFERENT".into() },
+            if x == y {
+                "identical".into()
+            } else {
+                "DIFFERENT".into()
+            },
         ]);
     }
-    eprintln!("{}", indent(&crate::cli::table(&["TABLE", "ROWS (good moment)", "ROWS (PITR copy)", "CONTENT"], &rows)));
+    eprintln!(
+        "{}",
+        indent(&crate::cli::table(
+            &["TABLE", "ROWS (good moment)", "ROWS (PITR copy)", "CONTENT"],
+            &rows
+        ))
+    );
     let pitr_ok = expected == pitr && !pitr.is_empty();
     let logical_ok = logical_a.len() == 3 && logical_a.iter().all(|t| t.1 > 0);
     let _ = crate::restore::physical::stop(&bins, None, &target_dir, "fast");
-    steps.push(json!({"step": "compare", "pitr_identical": pitr_ok, "logical_restored": logical_ok}));
+    steps.push(
+        json!({"step": "compare", "pitr_identical": pitr_ok, "logical_restored": logical_ok}),
+    );
 
     say("recovery objectives");
     eprintln!(
         "{}",
         indent(&crate::cli::table(
             &["OBJECTIVE", "TARGET", "MEASURED", "VERDICT"],
-            &[
-                vec!["RTO (PITR restore to open database)".into(), "15m".into(), format!("{rto:.1}s"), if rto < 900.0 { "met".into() } else { "VIOLATED".into() }],
-            ]
+            &[vec![
+                "RTO (PITR restore to open database)".into(),
+                "15m".into(),
+                format!("{rto:.1}s"),
+                if rto < 900.0 {
+                    "met".into()
+                } else {
+                    "VIOLATED".into()
+                }
+            ],]
         ))
     );
 
@@ -293,7 +351,10 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
     }
     let ok = pitr_ok && logical_ok;
     let human = if ok {
-        format!("demo complete in {:.1}s: the logical restore matches, and PITR brought back every deleted row", t_demo.elapsed().as_secs_f64())
+        format!(
+            "demo complete in {:.1}s: the logical restore matches, and PITR brought back every deleted row",
+            t_demo.elapsed().as_secs_f64()
+        )
     } else {
         "demo FAILED: a restored database differs".to_string()
     };
@@ -318,9 +379,14 @@ async fn wait_archived(admin: &tokio_postgres::Client) -> Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(Error::Failed("WAL was not archived within 30s; see the cluster log".into()))
+    Err(Error::Failed(
+        "WAL was not archived within 30s; see the cluster log".into(),
+    ))
 }
 
 fn indent(s: &str) -> String {
-    s.lines().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    s.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

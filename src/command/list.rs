@@ -58,14 +58,37 @@ pub async fn run(ctx: &Ctx) -> Result<Output> {
                     "finished_at": null, "size": 0, "stored_size": 0,
                     "status": "manifest-corrupt", "error": err,
                 }));
-                rows.push(vec![e.id.clone(), "?".into(), "".into(), "".into(), "".into(), "".into(), "MANIFEST CORRUPT".into()]);
+                rows.push(vec![
+                    e.id.clone(),
+                    "?".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                    "".into(),
+                    "MANIFEST CORRUPT".into(),
+                ]);
             }
         }
     }
     let human = if rows.is_empty() {
-        format!("no backups in stanza {} ({})", repo.stanza(), repo.storage().describe())
+        format!(
+            "no backups in stanza {} ({})",
+            repo.stanza(),
+            repo.storage().describe()
+        )
     } else {
-        table(&["ID", "TYPE", "FINISHED (UTC)", "SIZE", "STORED", "DATABASES / WAL", "STATUS"], &rows)
+        table(
+            &[
+                "ID",
+                "TYPE",
+                "FINISHED (UTC)",
+                "SIZE",
+                "STORED",
+                "DATABASES / WAL",
+                "STATUS",
+            ],
+            &rows,
+        )
     };
     Ok(Output::ok(serde_json::Value::Array(items), human))
 }

@@ -17,7 +17,8 @@ pub async fn run(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
 
 async fn run_logical(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
     let need = |v: &Option<String>, flag: &str| {
-        v.clone().ok_or_else(|| Error::Usage(format!("restore --logical needs {flag}")))
+        v.clone()
+            .ok_or_else(|| Error::Usage(format!("restore --logical needs {flag}")))
     };
     let database = need(&args.database, "--database NAME")?;
     let target_database = need(&args.target_database, "--target-database NEW")?;
@@ -43,7 +44,10 @@ async fn run_logical(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
         "restored {} from backup {} into database {:?} on {} (fetch+verify {:.1}s, pg_restore {:.1}s)",
         r.database, r.backup, r.target_database, r.target, r.fetch_seconds, r.restore_seconds
     );
-    Ok(Output::ok(serde_json::to_value(&r).unwrap_or_default(), human))
+    Ok(Output::ok(
+        serde_json::to_value(&r).unwrap_or_default(),
+        human,
+    ))
 }
 
 /// The config file that restore_command should name.
@@ -55,7 +59,12 @@ pub fn config_path_for_children(ctx: &Ctx) -> std::path::PathBuf {
 }
 
 async fn run_pitr(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
-    let target = match (&args.pitr, &args.target_lsn, &args.target_xid, &args.target_name) {
+    let target = match (
+        &args.pitr,
+        &args.target_lsn,
+        &args.target_xid,
+        &args.target_name,
+    ) {
         (Some(t), None, None, None) => Target::parse_time(t)?,
         (None, Some(l), None, None) => Target::Lsn(Lsn::parse(l)?),
         (None, None, Some(x), None) => Target::Xid(x.clone()),
@@ -70,7 +79,8 @@ async fn run_pitr(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
         .target_dir
         .clone()
         .ok_or_else(|| Error::Usage("point-in-time restore needs --target-dir DIR".into()))?;
-    let target_dir = std::path::absolute(&target_dir).map_err(|e| Error::io("resolve --target-dir", e))?;
+    let target_dir =
+        std::path::absolute(&target_dir).map_err(|e| Error::io("resolve --target-dir", e))?;
     let timeout = humantime::parse_duration(&args.timeout)
         .map_err(|e| Error::Usage(format!("--timeout {:?}: {e}", args.timeout)))?;
     let repo = ctx.repo().await?;
@@ -85,7 +95,10 @@ async fn run_pitr(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
             ArchiveModeArg::Preserve => ArchiveMode::Preserve,
             ArchiveModeArg::Off => ArchiveMode::Off,
         },
-        jobs: args.jobs.map(|j| j as usize).unwrap_or(ctx.config.backup.jobs),
+        jobs: args
+            .jobs
+            .map(|j| j as usize)
+            .unwrap_or(ctx.config.backup.jobs),
         timeout,
         config_path: config_path_for_children(ctx),
         extra_conf: String::new(),
@@ -99,14 +112,28 @@ async fn run_pitr(ctx: &Ctx, args: &RestoreArgs) -> Result<Output> {
         lines.push(format!(
             "PostgreSQL is promoted and open{}{} (timeline {})",
             r.port.map(|p| format!(" on port {p}")).unwrap_or_default(),
-            r.socket_dir.as_ref().map(|s| format!(", socket {s}")).unwrap_or_default(),
-            r.timeline.map(|t| t.to_string()).unwrap_or_else(|| "?".into())
+            r.socket_dir
+                .as_ref()
+                .map(|s| format!(", socket {s}"))
+                .unwrap_or_default(),
+            r.timeline
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "?".into())
         ));
     } else {
-        lines.push("not started (--no-start): start it with pg_ctl as the data directory's owner".into());
+        lines.push(
+            "not started (--no-start): start it with pg_ctl as the data directory's owner".into(),
+        );
     }
-    let rows: Vec<Vec<String>> = r.stages.iter().map(|s| vec![s.name.clone(), format!("{:.2}s", s.seconds)]).collect();
+    let rows: Vec<Vec<String>> = r
+        .stages
+        .iter()
+        .map(|s| vec![s.name.clone(), format!("{:.2}s", s.seconds)])
+        .collect();
     lines.push(crate::cli::table(&["STAGE", "TIME"], &rows));
     lines.push(format!("total {:.2}s", r.total_seconds));
-    Ok(Output::ok(serde_json::to_value(&r).unwrap_or_default(), lines.join("\n")))
+    Ok(Output::ok(
+        serde_json::to_value(&r).unwrap_or_default(),
+        lines.join("\n"),
+    ))
 }

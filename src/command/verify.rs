@@ -35,17 +35,26 @@ pub async fn run(ctx: &Ctx, backup: Option<&str>) -> Result<Output> {
                 w.last_contiguous.clone().unwrap_or_else(|| "(none)".into()),
                 w.timelines,
                 w.recoverable_from.to_rfc3339(),
-                w.recoverable_to.map(|t| t.to_rfc3339()).unwrap_or_else(|| "(unknown)".into())
+                w.recoverable_to
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "(unknown)".into())
             ));
         }
     }
     for p in &report.problems {
-        lines.push(format!("{}: {} {:?}: {}", p.backup, p.key, p.problem, p.detail));
+        lines.push(format!(
+            "{}: {} {:?}: {}",
+            p.backup, p.key, p.problem, p.detail
+        ));
     }
     let ok = report.ok();
     Ok(Output {
         json: serde_json::json!({ "ok": ok, "backups": report.backups, "problems": report.problems }),
         human: lines.join("\n"),
-        exit: if ok { ExitCode::Ok } else { ExitCode::Corruption },
+        exit: if ok {
+            ExitCode::Ok
+        } else {
+            ExitCode::Corruption
+        },
     })
 }

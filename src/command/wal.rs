@@ -19,7 +19,10 @@ pub async fn push(ctx: &Ctx, path: &Path) -> Result<Output> {
     if outcome == PushOutcome::AlreadyArchived {
         tracing::info!(file = %path.display(), "already archived with identical content");
     }
-    Ok(Output::ok(json!({"file": path.display().to_string(), "outcome": outcome}), String::new()))
+    Ok(Output::ok(
+        json!({"file": path.display().to_string(), "outcome": outcome}),
+        String::new(),
+    ))
 }
 
 /// `restore_command = 'drctl --config FILE wal fetch %f %p'`.
@@ -49,7 +52,10 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> Result<Output> {
         && spool.take(name, dest).await
     {
         spawn_prefetch(ctx, seg.next(), seg_size);
-        return Ok(Output::ok(json!({"name": name, "ok": true, "from": "spool"}), String::new()));
+        return Ok(Output::ok(
+            json!({"name": name, "ok": true, "from": "spool"}),
+            String::new(),
+        ));
     }
     match archive::read_verified(&repo, &wal, seg_size).await {
         Ok(bytes) => {
@@ -57,7 +63,10 @@ pub async fn fetch(ctx: &Ctx, name: &str, dest: &Path) -> Result<Output> {
             if let WalName::Segment(seg) = wal {
                 spawn_prefetch(ctx, seg.next(), seg_size);
             }
-            Ok(Output::ok(json!({"name": name, "ok": true, "from": "repository"}), String::new()))
+            Ok(Output::ok(
+                json!({"name": name, "ok": true, "from": "repository"}),
+                String::new(),
+            ))
         }
         Err(FetchError::NotFound) => Ok(Output {
             json: json!({"name": name, "ok": false, "found": false}),
@@ -73,7 +82,9 @@ fn spawn_prefetch(ctx: &Ctx, from: Segment, seg_size: u64) {
     if ctx.config.wal.prefetch == 0 {
         return;
     }
-    let Ok(exe) = std::env::current_exe() else { return };
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
     let mut cmd = std::process::Command::new(exe);
     if let Some(p) = &ctx.config_path {
         cmd.arg("--config").arg(p);
@@ -112,5 +123,8 @@ pub async fn prefetch(ctx: &Ctx, first: &str) -> Result<Output> {
         seg_size,
     )
     .await?;
-    Ok(Output::ok(json!({"prefetched": n}), format!("prefetched {n} segments")))
+    Ok(Output::ok(
+        json!({"prefetched": n}),
+        format!("prefetched {n} segments"),
+    ))
 }

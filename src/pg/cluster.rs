@@ -46,7 +46,9 @@ impl OsUser {
         // SAFETY: pw is non-null; pw_name is a NUL-terminated string.
         let (name, gid) = unsafe {
             (
-                std::ffi::CStr::from_ptr((*pw).pw_name).to_string_lossy().to_string(),
+                std::ffi::CStr::from_ptr((*pw).pw_name)
+                    .to_string_lossy()
+                    .to_string(),
                 (*pw).pw_gid,
             )
         };
@@ -97,7 +99,9 @@ pub fn chown_tree(path: &Path, owner: &OsUser) -> Result<()> {
     std::os::unix::fs::chown(path, Some(owner.uid), Some(owner.gid))
         .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
     if path.is_dir() {
-        for entry in std::fs::read_dir(path).map_err(|e| Error::io(format!("read {}", path.display()), e))? {
+        for entry in
+            std::fs::read_dir(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?
+        {
             let entry = entry.map_err(|e| Error::io("read dir", e))?;
             chown_tree(&entry.path(), owner)?;
         }
@@ -131,7 +135,8 @@ impl Cluster {
         owner: Option<OsUser>,
     ) -> Result<Cluster> {
         for d in [data_dir, socket_dir] {
-            std::fs::create_dir_all(d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::io(format!("create {}", d.display()), e))?;
             if let Some(u) = &owner {
                 chown_tree(d, u)?;
             }
@@ -139,7 +144,15 @@ impl Cluster {
         let out = command_as(bins.path("initdb"), owner.as_ref())
             .arg("-D")
             .arg(data_dir)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .current_dir(data_dir)
             .stdin(Stdio::null())
             .output()
@@ -150,7 +163,10 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let log_file = data_dir.parent().unwrap_or(data_dir).join(format!("postgres-{port}.log"));
+        let log_file = data_dir
+            .parent()
+            .unwrap_or(data_dir)
+            .join(format!("postgres-{port}.log"));
         Ok(Cluster {
             data_dir: data_dir.to_path_buf(),
             port,
@@ -171,7 +187,8 @@ impl Cluster {
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        writeln!(f, "\n# added by drctl\n{lines}").map_err(|e| Error::io("write postgresql.conf", e))?;
+        writeln!(f, "\n# added by drctl\n{lines}")
+            .map_err(|e| Error::io("write postgresql.conf", e))?;
         Ok(())
     }
 
@@ -182,7 +199,10 @@ impl Cluster {
             let _ = std::fs::create_dir_all(parent);
         }
         // The log must be writable by the owner.
-        let _ = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_file);
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_file);
         if let Some(u) = &self.owner {
             let _ = std::os::unix::fs::chown(&self.log_file, Some(u.uid), Some(u.gid));
         }
@@ -276,7 +296,11 @@ impl TempCluster {
     }
 
     /// Like [`TempCluster::start`], with extra environment for the server process.
-    pub fn start_with_env(bins: Binaries, extra_conf: &str, env: Vec<(String, String)>) -> Result<TempCluster> {
+    pub fn start_with_env(
+        bins: Binaries,
+        extra_conf: &str,
+        env: Vec<(String, String)>,
+    ) -> Result<TempCluster> {
         let dir = tempfile::Builder::new()
             .prefix("drctl-pg-")
             .tempdir()

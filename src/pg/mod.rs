@@ -75,7 +75,11 @@ impl Endpoint {
                     None => e.to_string(),
                 };
                 return Err(Error::Connect {
-                    target: format!("{} (database {database}, user {})", self.describe(), self.user),
+                    target: format!(
+                        "{} (database {database}, user {})",
+                        self.describe(),
+                        self.user
+                    ),
                     message,
                 });
             }
@@ -104,7 +108,11 @@ fn password(host: &str, port: u16, db: &str, user: &str) -> Option<String> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
     let text = std::fs::read_to_string(path).ok()?;
-    let pg_host = if host.starts_with('/') { "localhost" } else { host };
+    let pg_host = if host.starts_with('/') {
+        "localhost"
+    } else {
+        host
+    };
     for line in text.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
@@ -114,7 +122,11 @@ fn password(host: &str, port: u16, db: &str, user: &str) -> Option<String> {
             continue;
         }
         let m = |pat: &str, v: &str| pat == "*" || pat == v;
-        if m(&fields[0], pg_host) && m(&fields[1], &port.to_string()) && m(&fields[2], db) && m(&fields[3], user) {
+        if m(&fields[0], pg_host)
+            && m(&fields[1], &port.to_string())
+            && m(&fields[2], db)
+            && m(&fields[3], user)
+        {
             return Some(fields[4].clone());
         }
     }
@@ -219,7 +231,12 @@ impl Binaries {
         let out = std::process::Command::new(&p)
             .arg("--version")
             .output()
-            .map_err(|e| Error::Failed(format!("cannot run {}: {e} (set [postgres] bin-dir)", p.display())))?;
+            .map_err(|e| {
+                Error::Failed(format!(
+                    "cannot run {}: {e} (set [postgres] bin-dir)",
+                    p.display()
+                ))
+            })?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 }

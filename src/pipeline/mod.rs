@@ -333,7 +333,11 @@ pub async fn check(storage: &dyn Storage, key: &str, record: &ObjectRecord) -> R
 
 /// Verifies and decompresses one member of a bundle already in memory. Returns the raw bytes
 /// or a message saying what is wrong (wording as in [`VerifyReader`]).
-pub async fn unpack_member(bundle: &[u8], key: &str, rec: &ObjectRecord) -> Result<Vec<u8>, String> {
+pub async fn unpack_member(
+    bundle: &[u8],
+    key: &str,
+    rec: &ObjectRecord,
+) -> Result<Vec<u8>, String> {
     let off = rec.offset.unwrap_or(0) as usize;
     let end = off + rec.stored_size as usize;
     if end > bundle.len() {
@@ -346,7 +350,10 @@ pub async fn unpack_member(bundle: &[u8], key: &str, rec: &ObjectRecord) -> Resu
     let stored = &bundle[off..end];
     let got = hex::encode(Sha256::digest(stored));
     if got != rec.stored_sha256 {
-        return Err(format!("{key}@{off}: SHA-256 mismatch: expected {}, got {got}", rec.stored_sha256));
+        return Err(format!(
+            "{key}@{off}: SHA-256 mismatch: expected {}, got {got}",
+            rec.stored_sha256
+        ));
     }
     let mut raw = Vec::with_capacity(rec.raw_size as usize);
     decompress(std::io::Cursor::new(stored.to_vec()), rec.compression)
@@ -355,7 +362,9 @@ pub async fn unpack_member(bundle: &[u8], key: &str, rec: &ObjectRecord) -> Resu
         .map_err(|e| format!("{key}@{off}: cannot decompress: {e}"))?;
     let got = hex::encode(Sha256::digest(&raw));
     if raw.len() as u64 != rec.raw_size || got != rec.raw_sha256 {
-        return Err(format!("{key}@{off}: SHA-256 mismatch after decompression (got {got})"));
+        return Err(format!(
+            "{key}@{off}: SHA-256 mismatch after decompression (got {got})"
+        ));
     }
     Ok(raw)
 }
@@ -369,7 +378,13 @@ pub async fn compress_bytes(raw: &[u8], cfg: &CompressionConfig) -> std::io::Res
 }
 
 /// Builds the record of a buffer compressed in memory.
-pub fn record_for(key: &str, raw: &[u8], stored: &[u8], alg: Algorithm, offset: Option<u64>) -> ObjectRecord {
+pub fn record_for(
+    key: &str,
+    raw: &[u8],
+    stored: &[u8],
+    alg: Algorithm,
+    offset: Option<u64>,
+) -> ObjectRecord {
     ObjectRecord {
         key: key.to_string(),
         compression: alg,
@@ -386,25 +401,38 @@ mod tests {
     use super::*;
     use crate::storage::fs::FsStorage;
 
-
     fn data() -> Vec<u8> {
-        (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[tokio::test]
     async fn round_trip_every_algorithm() {
         let dir = tempfile::tempdir().unwrap();
         let st = FsStorage::new(dir.path()).unwrap();
-        for alg in [Algorithm::Zstd, Algorithm::Gzip, Algorithm::Lz4, Algorithm::None] {
+        for alg in [
+            Algorithm::Zstd,
+            Algorithm::Gzip,
+            Algorithm::Lz4,
+            Algorithm::None,
+        ] {
             let cfg = CompressionConfig {
                 algorithm: alg,
                 level: if alg == Algorithm::None { 0 } else { 1 },
                 threads: 0,
             };
             let key = format!("obj-{alg:?}");
-            let rec = upload(&st, &key, &key, std::io::Cursor::new(data()), &cfg, PutMode::Overwrite)
-                .await
-                .unwrap();
+            let rec = upload(
+                &st,
+                &key,
+                &key,
+                std::io::Cursor::new(data()),
+                &cfg,
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
             assert_eq!(rec.raw_size, data().len() as u64);
             let mut out = Vec::new();
             open_verified(&st, &key, &rec)
@@ -422,9 +450,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let st = FsStorage::new(dir.path()).unwrap();
         let cfg = CompressionConfig::default();
-        let rec = upload(&st, "o", "o", std::io::Cursor::new(data()), &cfg, PutMode::Overwrite)
-            .await
-            .unwrap();
+        let rec = upload(
+            &st,
+            "o",
+            "o",
+            std::io::Cursor::new(data()),
+            &cfg,
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
         let path = dir.path().join("o");
         let orig = std::fs::read(&path).unwrap();
         let mut bad = orig.clone();
@@ -439,4 +474,3 @@ mod tests {
         check(&st, "o", &rec).await.unwrap();
     }
 }
-

@@ -37,7 +37,8 @@ struct EnvelopeIn<'a> {
 
 /// Serializes `value` into a sealed envelope.
 pub fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let body = serde_json::to_string_pretty(value).map_err(|e| Error::Failed(format!("serialize: {e}")))?;
+    let body = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Failed(format!("serialize: {e}")))?;
     let raw = RawValue::from_string(body).map_err(|e| Error::Failed(format!("serialize: {e}")))?;
     let sha = hex::encode(Sha256::digest(raw.get().as_bytes()));
     let env = EnvelopeOut {

@@ -81,7 +81,11 @@ impl Repo {
 
     /// Creates the stanza on first use, or checks that it belongs to this cluster. Refusing a
     /// different system identifier stops two clusters from mixing WAL in one stanza.
-    pub async fn ensure_stanza(&self, system_identifier: &str, pg_version: &str) -> Result<RepoInfo> {
+    pub async fn ensure_stanza(
+        &self,
+        system_identifier: &str,
+        pg_version: &str,
+    ) -> Result<RepoInfo> {
         if let Some(info) = self.info().await? {
             return check_identity(&info, system_identifier);
         }
@@ -93,11 +97,21 @@ impl Repo {
             created_at: Utc::now(),
         };
         let body = manifest::seal(&info)?;
-        match storage::put_bytes(&*self.storage, &self.key("repo.json"), Bytes::from(body), PutMode::IfAbsent).await {
+        match storage::put_bytes(
+            &*self.storage,
+            &self.key("repo.json"),
+            Bytes::from(body),
+            PutMode::IfAbsent,
+        )
+        .await
+        {
             Ok(_) => Ok(info),
             // Someone created it concurrently: theirs wins, check it.
             Err(StorageError::AlreadyExists(_)) => {
-                let existing = self.info().await?.ok_or_else(|| Error::Failed("repo.json vanished".into()))?;
+                let existing = self
+                    .info()
+                    .await?
+                    .ok_or_else(|| Error::Failed("repo.json vanished".into()))?;
                 check_identity(&existing, system_identifier)
             }
             Err(e) => Err(e.into()),
@@ -131,7 +145,10 @@ impl Repo {
             if parts.len() == 3 && parts[2] == "manifest.json" {
                 let id = parts[1].to_string();
                 match self.load_manifest(&id).await {
-                    Ok(m) => out.push(CatalogEntry { id, manifest: Ok(m) }),
+                    Ok(m) => out.push(CatalogEntry {
+                        id,
+                        manifest: Ok(m),
+                    }),
                     Err(e) => out.push(CatalogEntry {
                         id,
                         manifest: Err(e.to_string()),
@@ -148,7 +165,10 @@ impl Repo {
         let bytes = match storage::get_bytes(&*self.storage, &key).await {
             Ok(b) => b,
             Err(StorageError::NotFound(_)) => {
-                return Err(Error::NotFound(format!("backup {id} (no manifest in {})", self.storage.describe())));
+                return Err(Error::NotFound(format!(
+                    "backup {id} (no manifest in {})",
+                    self.storage.describe()
+                )));
             }
             Err(e) => return Err(e.into()),
         };
@@ -181,7 +201,9 @@ impl Repo {
                     }
                 }
             }
-            Err(e) => tracing::warn!(backup = id, error = %e, "could not list objects of failed backup"),
+            Err(e) => {
+                tracing::warn!(backup = id, error = %e, "could not list objects of failed backup")
+            }
         }
     }
 
@@ -190,7 +212,12 @@ impl Repo {
         let mut t = now;
         for _ in 0..120 {
             let id = format!("{}-{}", t.format("%Y%m%dT%H%M%SZ"), kind.suffix());
-            if self.storage.list(&self.key(&Self::backup_prefix(&id))).await?.is_empty() {
+            if self
+                .storage
+                .list(&self.key(&Self::backup_prefix(&id)))
+                .await?
+                .is_empty()
+            {
                 return Ok(id);
             }
             t += chrono::Duration::seconds(1);
@@ -199,12 +226,19 @@ impl Repo {
     }
 
     /// Resolves `latest` (newest committed backup matching `filter`) or checks an explicit id.
-    pub async fn resolve(&self, id: Option<&str>, filter: impl Fn(&Manifest) -> bool) -> Result<Manifest> {
+    pub async fn resolve(
+        &self,
+        id: Option<&str>,
+        filter: impl Fn(&Manifest) -> bool,
+    ) -> Result<Manifest> {
         match id {
             Some(id) if id != "latest" => {
                 let m = self.load_manifest(id).await?;
                 if !filter(&m) {
-                    return Err(Error::Usage(format!("backup {id} is not of the kind this command needs ({})", m.kind)));
+                    return Err(Error::Usage(format!(
+                        "backup {id} is not of the kind this command needs ({})",
+                        m.kind
+                    )));
                 }
                 Ok(m)
             }
@@ -214,7 +248,9 @@ impl Repo {
                     .rev()
                     .filter_map(|e| e.manifest.ok())
                     .find(|m| filter(m))
-                    .ok_or_else(|| Error::NotFound(format!("no matching backup in stanza {}", self.stanza)))
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("no matching backup in stanza {}", self.stanza))
+                    })
             }
         }
     }

@@ -15,8 +15,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pg::{self, Binaries, Endpoint};
 use crate::pipeline;
-use crate::repo::manifest::{BackupKind, LogicalDatabase, Manifest};
 use crate::repo::Repo;
+use crate::repo::manifest::{BackupKind, LogicalDatabase, Manifest};
 use crate::storage::StorageError;
 
 #[derive(Debug, Clone)]
@@ -47,7 +47,11 @@ pub struct LogicalRestoreReport {
     pub restore_seconds: f64,
 }
 
-pub async fn run(cfg: &Config, repo: &Repo, opts: &LogicalRestoreOptions) -> Result<LogicalRestoreReport> {
+pub async fn run(
+    cfg: &Config,
+    repo: &Repo,
+    opts: &LogicalRestoreOptions,
+) -> Result<LogicalRestoreReport> {
     // 1. Find the backup and the database inside it.
     let manifest = repo
         .resolve(opts.backup.as_deref(), |m| {
@@ -120,7 +124,8 @@ fn find_database<'a>(m: &'a Manifest, name: &str) -> Result<&'a LogicalDatabase>
 
 pub fn spool_dir(cfg: &Config) -> Result<PathBuf> {
     let dir = cfg.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create spool dir {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("create spool dir {}", dir.display()), e))?;
     Ok(dir)
 }
 
@@ -131,7 +136,9 @@ pub async fn fetch_verified(repo: &Repo, entry: &LogicalDatabase, dest: &Path) -
     let mut reader = pipeline::open_verified(&**repo.storage(), &key, &entry.object)
         .await
         .map_err(|e| match e {
-            StorageError::NotFound(k) => Error::Corruption(format!("object missing from the repository: {k}")),
+            StorageError::NotFound(k) => {
+                Error::Corruption(format!("object missing from the repository: {k}"))
+            }
             other => Error::Storage(other),
         })?;
     let mut file = tokio::fs::File::create(dest)
@@ -144,14 +151,22 @@ pub async fn fetch_verified(repo: &Repo, entry: &LogicalDatabase, dest: &Path) -
         }
         Err(e) => return Err(Error::io(format!("fetching {key}"), e)),
     }
-    file.flush().await.map_err(|e| Error::io("flush staged dump", e))?;
+    file.flush()
+        .await
+        .map_err(|e| Error::io("flush staged dump", e))?;
     Ok(())
 }
 
-async fn prepare_target(admin: &tokio_postgres::Client, opts: &LogicalRestoreOptions) -> Result<()> {
+async fn prepare_target(
+    admin: &tokio_postgres::Client,
+    opts: &LogicalRestoreOptions,
+) -> Result<()> {
     let ident = pg::quote_ident(&opts.target_database);
     let exists = admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&opts.target_database])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&opts.target_database],
+        )
         .await
         .map_err(|e| Error::pg("checking the target database", e))?
         .is_some();
@@ -191,8 +206,18 @@ async fn pg_restore(bins: &Binaries, opts: &LogicalRestoreOptions, dump: &Path) 
     let mut cmd = tokio::process::Command::new(bins.path("pg_restore"));
     cmd.args(["--exit-on-error", "--no-password"])
         .arg(format!("--jobs={}", opts.jobs.max(1)))
-        .args(["--host", &t.host, "--port", &t.port.to_string(), "--username", &t.user])
-        .arg(format!("--dbname=dbname={}", conninfo_quote(&opts.target_database)));
+        .args([
+            "--host",
+            &t.host,
+            "--port",
+            &t.port.to_string(),
+            "--username",
+            &t.user,
+        ])
+        .arg(format!(
+            "--dbname=dbname={}",
+            conninfo_quote(&opts.target_database)
+        ));
     if opts.no_owner {
         cmd.arg("--no-owner");
     }
@@ -208,7 +233,14 @@ async fn pg_restore(bins: &Binaries, opts: &LogicalRestoreOptions, dump: &Path) 
         .map_err(|e| Error::io(format!("start {}", bins.path("pg_restore").display()), e))?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: Vec<&str> = err
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         return Err(Error::Failed(format!(
             "pg_restore into {:?} failed ({}):\n{}",
             opts.target_database,

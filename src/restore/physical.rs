@@ -109,11 +109,18 @@ pub struct PitrReport {
 }
 
 /// Picks the newest physical backup that can reach `target`.
-pub async fn choose_backup(repo: &Repo, target: &Target, explicit: Option<&str>) -> Result<Manifest> {
+pub async fn choose_backup(
+    repo: &Repo,
+    target: &Target,
+    explicit: Option<&str>,
+) -> Result<Manifest> {
     if let Some(id) = explicit.filter(|id| *id != "latest") {
         let m = repo.load_manifest(id).await?;
         if m.kind != BackupKind::Physical {
-            return Err(Error::Usage(format!("backup {id} is {}, PITR needs a physical backup", m.kind)));
+            return Err(Error::Usage(format!(
+                "backup {id} is {}, PITR needs a physical backup",
+                m.kind
+            )));
         }
         return Ok(m);
     }
@@ -125,7 +132,10 @@ pub async fn choose_backup(repo: &Repo, target: &Target, explicit: Option<&str>)
         .filter(|m| m.kind == BackupKind::Physical && m.physical.is_some())
         .collect();
     let oldest = physical.first().ok_or_else(|| {
-        Error::NotFound(format!("no physical backup in stanza {}; run `drctl backup --type physical`", repo.stanza()))
+        Error::NotFound(format!(
+            "no physical backup in stanza {}; run `drctl backup --type physical`",
+            repo.stanza()
+        ))
     })?;
     let fits = |m: &Manifest| match target {
         Target::Time(t) => m.finished_at <= *t,
@@ -166,8 +176,10 @@ pub async fn run(cfg: &Config, repo: &Repo, opts: &PitrOptions) -> Result<PitrRe
     let t = Instant::now();
     let seg_size = p.wal_segment_size;
     let archive = Archive::load(repo, seg_size).await?;
-    let start = Segment::parse(&p.start_wal, seg_size).ok_or_else(|| Error::Corruption("bad start_wal".into()))?;
-    let stop_seg = Segment::parse(&p.stop_wal, seg_size).ok_or_else(|| Error::Corruption("bad stop_wal".into()))?;
+    let start = Segment::parse(&p.start_wal, seg_size)
+        .ok_or_else(|| Error::Corruption("bad start_wal".into()))?;
+    let stop_seg = Segment::parse(&p.stop_wal, seg_size)
+        .ok_or_else(|| Error::Corruption("bad stop_wal".into()))?;
     let chain = archive.chain(start, Some(stop_seg))?;
     if !chain.ok() {
         return Err(Error::Failed(format!(
@@ -175,7 +187,13 @@ pub async fn run(cfg: &Config, repo: &Repo, opts: &PitrOptions) -> Result<PitrRe
              recovery past that point is impossible",
             manifest.id,
             p.start_wal,
-            chain.gaps.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            chain
+                .gaps
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     if let Target::Lsn(l) = &opts.target {
@@ -282,7 +300,10 @@ async fn restore_files(repo: &Repo, m: &Manifest, dir: &Path, jobs: usize) -> Re
     // Group by stored object: bundles are fetched once.
     let mut groups: std::collections::BTreeMap<String, Vec<FileEntry>> = Default::default();
     for f in &p.files {
-        groups.entry(f.object.key.clone()).or_default().push(f.clone());
+        groups
+            .entry(f.object.key.clone())
+            .or_default()
+            .push(f.clone());
     }
     let sem = Arc::new(Semaphore::new(jobs.max(1)));
     let mut set = tokio::task::JoinSet::new();
@@ -344,7 +365,9 @@ async fn restore_group(repo: &Repo, rel: &str, files: &[FileEntry], dir: &Path) 
 
 fn missing_is_corruption(e: StorageError) -> Error {
     match e {
-        StorageError::NotFound(k) => Error::Corruption(format!("object missing from the repository: {k}")),
+        StorageError::NotFound(k) => {
+            Error::Corruption(format!("object missing from the repository: {k}"))
+        }
         other => Error::Storage(other),
     }
 }
@@ -352,7 +375,8 @@ fn missing_is_corruption(e: StorageError) -> Error {
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = if mode == 0 { 0o600 } else { mode & 0o700 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| Error::io("chmod", e))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("chmod", e))
 }
 
 /// SQL string literal for postgresql.conf.
@@ -373,10 +397,16 @@ fn write_recovery(dir: &Path, m: &Manifest, opts: &PitrOptions) -> Result<()> {
     write("recovery.signal", "")?;
     // Debian keeps postgresql.conf and pg_hba.conf outside the data directory.
     if !dir.join("postgresql.conf").exists() {
-        write("postgresql.conf", "# created by drctl restore: the backed-up cluster kept its config elsewhere\n")?;
+        write(
+            "postgresql.conf",
+            "# created by drctl restore: the backed-up cluster kept its config elsewhere\n",
+        )?;
     }
     if !dir.join("pg_hba.conf").exists() {
-        write("pg_hba.conf", "# created by drctl restore\nlocal all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n")?;
+        write(
+            "pg_hba.conf",
+            "# created by drctl restore\nlocal all all peer\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )?;
     }
     let exe = std::env::current_exe().map_err(|e| Error::io("locate drctl", e))?;
     let restore_command = format!(
@@ -393,7 +423,12 @@ fn write_recovery(dir: &Path, m: &Manifest, opts: &PitrOptions) -> Result<()> {
     );
     match &opts.target {
         Target::Latest => {}
-        Target::Time(t) => conf += &format!("recovery_target_time = {}\n", conf_quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())),
+        Target::Time(t) => {
+            conf += &format!(
+                "recovery_target_time = {}\n",
+                conf_quote(&t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+            )
+        }
         Target::Lsn(l) => conf += &format!("recovery_target_lsn = '{l}'\n"),
         Target::Xid(x) => conf += &format!("recovery_target_xid = {}\n", conf_quote(x)),
         Target::Name(n) => conf += &format!("recovery_target_name = {}\n", conf_quote(n)),
@@ -405,7 +440,10 @@ fn write_recovery(dir: &Path, m: &Manifest, opts: &PitrOptions) -> Result<()> {
         conf += &format!("port = {port}\n");
     }
     if let Some(s) = &opts.socket_dir {
-        conf += &format!("unix_socket_directories = {}\n", conf_quote(&s.display().to_string()));
+        conf += &format!(
+            "unix_socket_directories = {}\n",
+            conf_quote(&s.display().to_string())
+        );
     }
     conf += &opts.extra_conf;
     use std::io::Write;
@@ -414,12 +452,15 @@ fn write_recovery(dir: &Path, m: &Manifest, opts: &PitrOptions) -> Result<()> {
         .append(true)
         .open(dir.join("postgresql.auto.conf"))
         .map_err(|e| Error::io("open postgresql.auto.conf", e))?;
-    f.write_all(conf.as_bytes()).map_err(|e| Error::io("write postgresql.auto.conf", e))?;
+    f.write_all(conf.as_bytes())
+        .map_err(|e| Error::io("write postgresql.auto.conf", e))?;
     Ok(())
 }
 
 fn shell_quote(s: &str) -> String {
-    if s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:".contains(&b)) {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+=:".contains(&b))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -436,7 +477,12 @@ fn log_tail(dir: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn pg_ctl(bins: &Binaries, owner: Option<&OsUser>, dir: &Path, args: &[&str]) -> Result<std::process::Output> {
+fn pg_ctl(
+    bins: &Binaries,
+    owner: Option<&OsUser>,
+    dir: &Path,
+    args: &[&str],
+) -> Result<std::process::Output> {
     command_as(bins.path("pg_ctl"), owner)
         .arg("-D")
         .arg(dir)
@@ -463,7 +509,11 @@ pub fn control_state(bins: &Binaries, dir: &Path) -> Option<(String, Option<u32>
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let state = text.lines().find_map(|l| l.strip_prefix("Database cluster state:"))?.trim().to_string();
+    let state = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Database cluster state:"))?
+        .trim()
+        .to_string();
     let tli = text
         .lines()
         .find_map(|l| l.strip_prefix("Latest checkpoint's TimeLineID:"))
@@ -471,7 +521,11 @@ pub fn control_state(bins: &Binaries, dir: &Path) -> Option<(String, Option<u32>
     Some((state, tli))
 }
 
-async fn start_and_wait(bins: &Binaries, owner: Option<&OsUser>, opts: &PitrOptions) -> Result<Option<u32>> {
+async fn start_and_wait(
+    bins: &Binaries,
+    owner: Option<&OsUser>,
+    opts: &PitrOptions,
+) -> Result<Option<u32>> {
     let dir = &opts.target_dir;
     let log = log_path(dir);
     std::fs::write(&log, "").map_err(|e| Error::io("create restore log", e))?;

@@ -39,7 +39,9 @@ impl FsStorage {
     fn path(&self, key: &str) -> StorageResult<PathBuf> {
         if key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|c| c == ".." || c == "." || c.is_empty())
+            || key
+                .split('/')
+                .any(|c| c == ".." || c == "." || c.is_empty())
         {
             return Err(StorageError::Backend {
                 op: "resolve",
@@ -97,7 +99,10 @@ impl Storage for FsStorage {
         let mut buf = vec![0u8; 1 << 20];
         let mut written = 0u64;
         loop {
-            let n = body.read(&mut buf).await.map_err(|e| io_err("read source for", key, e))?;
+            let n = body
+                .read(&mut buf)
+                .await
+                .map_err(|e| io_err("read source for", key, e))?;
             if n == 0 {
                 break;
             }
@@ -126,7 +131,9 @@ impl Storage for FsStorage {
             }
         }
         std::mem::forget(guard);
-        fsync_dir(&dir).await.map_err(|e| io_err("fsync dir", key, e))?;
+        fsync_dir(&dir)
+            .await
+            .map_err(|e| io_err("fsync dir", key, e))?;
         Ok(written)
     }
 
@@ -154,7 +161,9 @@ impl Storage for FsStorage {
                 size: m.len(),
             })),
             Ok(_) => Ok(None),
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => Ok(None),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                Ok(None)
+            }
             Err(e) => Err(io_err("stat", key, e)),
         }
     }
@@ -201,7 +210,9 @@ fn list_blocking(root: &Path, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
     while let Some(dir) = stack.pop() {
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                continue;
+            }
             Err(e) => return Err(io_err("list", &dir.display().to_string(), e)),
         };
         for entry in rd {
@@ -218,7 +229,10 @@ fn list_blocking(root: &Path, prefix: &str) -> StorageResult<Vec<ObjectMeta>> {
                 .replace('\\', "/");
             let ft = entry.file_type().map_err(|e| io_err("list", &rel, e))?;
             if ft.is_dir() {
-                if prefix.starts_with(&format!("{rel}/")) || rel.starts_with(prefix) || prefix.starts_with(&rel) {
+                if prefix.starts_with(&format!("{rel}/"))
+                    || rel.starts_with(prefix)
+                    || prefix.starts_with(&rel)
+                {
                     stack.push(path);
                 }
             } else if ft.is_file() && rel.starts_with(prefix) {

@@ -54,7 +54,9 @@ pub enum StorageError {
         source: std::io::Error,
     },
     /// The store refused our credentials or permissions; retrying will not help.
-    #[error("{op} {key}: access denied: {message} (check the AWS credentials and the bucket policy)")]
+    #[error(
+        "{op} {key}: access denied: {message} (check the AWS credentials and the bucket policy)"
+    )]
     Denied {
         op: &'static str,
         key: String,
@@ -137,11 +139,13 @@ pub async fn put_bytes(
 pub async fn get_bytes(storage: &dyn Storage, key: &str) -> StorageResult<Vec<u8>> {
     let mut r = storage.get(key).await?;
     let mut out = Vec::new();
-    r.read_to_end(&mut out).await.map_err(|e| StorageError::Io {
-        op: "read",
-        key: key.to_string(),
-        source: e,
-    })?;
+    r.read_to_end(&mut out)
+        .await
+        .map_err(|e| StorageError::Io {
+            op: "read",
+            key: key.to_string(),
+            source: e,
+        })?;
     Ok(out)
 }
 

@@ -48,7 +48,8 @@ impl Archive {
         for t in history_tlis {
             match archive::read_verified(repo, &WalName::History(t), seg_size).await {
                 Ok(bytes) => {
-                    a.histories.insert(t, parse_history(&String::from_utf8_lossy(&bytes)));
+                    a.histories
+                        .insert(t, parse_history(&String::from_utf8_lossy(&bytes)));
                 }
                 Err(FetchError::NotFound) => {}
                 Err(FetchError::Failed(e)) => return Err(e),
@@ -81,13 +82,20 @@ impl Archive {
             return Ok(vec![(start.tli, start.segno, None)]);
         }
         let hist = self.histories.get(&target_tli).ok_or_else(|| {
-            Error::NotFound(format!("history file of timeline {target_tli} is not in the archive"))
+            Error::NotFound(format!(
+                "history file of timeline {target_tli} is not in the archive"
+            ))
         })?;
         // Entries are in order: each says "parent_tli ran until switch_lsn".
         let pos = hist
             .iter()
             .position(|e| e.parent_tli == start.tli)
-            .ok_or_else(|| Error::Failed(format!("timeline {target_tli} does not descend from timeline {}", start.tli)))?;
+            .ok_or_else(|| {
+                Error::Failed(format!(
+                    "timeline {target_tli} does not descend from timeline {}",
+                    start.tli
+                ))
+            })?;
         let mut out = Vec::new();
         let mut begin = start.segno;
         for (i, e) in hist.iter().enumerate().skip(pos) {
@@ -202,9 +210,17 @@ mod tests {
     #[test]
     fn contiguous_single_timeline() {
         let a = archive(&[(1, 2), (1, 3), (1, 4)], &[]);
-        let c = a.chain(Segment { tli: 1, segno: 2 }, Some(Segment { tli: 1, segno: 3 })).unwrap();
+        let c = a
+            .chain(
+                Segment { tli: 1, segno: 2 },
+                Some(Segment { tli: 1, segno: 3 }),
+            )
+            .unwrap();
         assert!(c.ok(), "{c:?}");
-        assert_eq!(c.last_contiguous.as_deref(), Some("000000010000000000000004"));
+        assert_eq!(
+            c.last_contiguous.as_deref(),
+            Some("000000010000000000000004")
+        );
     }
 
     #[test]
@@ -217,13 +233,22 @@ mod tests {
     #[test]
     fn follows_timeline_switch() {
         // tl1 ran until 0/5000100 (segment 5); tl2 starts in segment 5.
-        let a = archive(&[(1, 2), (1, 3), (1, 4), (1, 5), (2, 5), (2, 6)], &[(2, "1\t0/5000100\tpitr\n")]);
+        let a = archive(
+            &[(1, 2), (1, 3), (1, 4), (1, 5), (2, 5), (2, 6)],
+            &[(2, "1\t0/5000100\tpitr\n")],
+        );
         let c = a.chain(Segment { tli: 1, segno: 2 }, None).unwrap();
         assert!(c.ok(), "{c:?}");
         assert_eq!(c.timelines, vec![1, 2]);
-        assert_eq!(c.last_contiguous.as_deref(), Some("000000020000000000000006"));
+        assert_eq!(
+            c.last_contiguous.as_deref(),
+            Some("000000020000000000000006")
+        );
         // Missing tl2 segment 5 is a gap even though tl1 has segment 5.
-        let a = archive(&[(1, 2), (1, 3), (1, 4), (1, 5), (2, 6)], &[(2, "1\t0/5000100\tpitr\n")]);
+        let a = archive(
+            &[(1, 2), (1, 3), (1, 4), (1, 5), (2, 6)],
+            &[(2, "1\t0/5000100\tpitr\n")],
+        );
         let c = a.chain(Segment { tli: 1, segno: 2 }, None).unwrap();
         assert_eq!(c.gaps, vec!["000000020000000000000005"]);
     }
@@ -231,7 +256,12 @@ mod tests {
     #[test]
     fn must_reach_stop_segment() {
         let a = archive(&[(1, 2)], &[]);
-        let c = a.chain(Segment { tli: 1, segno: 2 }, Some(Segment { tli: 1, segno: 3 })).unwrap();
+        let c = a
+            .chain(
+                Segment { tli: 1, segno: 2 },
+                Some(Segment { tli: 1, segno: 3 }),
+            )
+            .unwrap();
         assert!(!c.ok());
     }
 }

@@ -50,7 +50,12 @@ impl Segment {
 
     pub fn name(&self, seg_size: u64) -> String {
         let per = Self::segments_per_log(seg_size);
-        format!("{:08X}{:08X}{:08X}", self.tli, self.segno / per, self.segno % per)
+        format!(
+            "{:08X}{:08X}{:08X}",
+            self.tli,
+            self.segno / per,
+            self.segno % per
+        )
     }
 
     pub fn next(&self) -> Segment {
@@ -75,8 +80,10 @@ impl Lsn {
         let (hi, lo) = s
             .split_once('/')
             .ok_or_else(|| Error::Usage(format!("{s:?} is not an LSN (expected X/Y in hex)")))?;
-        let hi = u64::from_str_radix(hi, 16).map_err(|_| Error::Usage(format!("{s:?} is not an LSN")))?;
-        let lo = u64::from_str_radix(lo, 16).map_err(|_| Error::Usage(format!("{s:?} is not an LSN")))?;
+        let hi = u64::from_str_radix(hi, 16)
+            .map_err(|_| Error::Usage(format!("{s:?} is not an LSN")))?;
+        let lo = u64::from_str_radix(lo, 16)
+            .map_err(|_| Error::Usage(format!("{s:?} is not an LSN")))?;
         if hi > u32::MAX as u64 || lo > u32::MAX as u64 {
             return Err(Error::Usage(format!("{s:?} is not an LSN")));
         }
@@ -110,7 +117,10 @@ pub enum WalName {
     /// `TTTTTTTT.history`
     History(u32),
     /// `<segment>.XXXXXXXX.backup` or `<segment>.partial`: stored beside their segment.
-    Other { name: String, seg: Segment },
+    Other {
+        name: String,
+        seg: Segment,
+    },
 }
 
 impl WalName {
@@ -133,7 +143,9 @@ impl WalName {
                 seg,
             });
         }
-        Err(Error::Usage(format!("{name:?} is not a WAL segment, history or backup file name")))
+        Err(Error::Usage(format!(
+            "{name:?} is not a WAL segment, history or backup file name"
+        )))
     }
 
     /// Object key relative to the stanza.
@@ -181,20 +193,28 @@ mod tests {
         let s = Segment::parse("0000000200000001000000FF", DEFAULT_SEGMENT_SIZE).unwrap();
         assert_eq!(s.tli, 2);
         assert_eq!(s.segno, 256 + 255);
-        assert_eq!(s.next().name(DEFAULT_SEGMENT_SIZE), "000000020000000200000000");
+        assert_eq!(
+            s.next().name(DEFAULT_SEGMENT_SIZE),
+            "000000020000000200000000"
+        );
         assert_eq!(Lsn::parse("1/FF000028").unwrap().to_string(), "1/FF000028");
         assert_eq!(
             Segment::from_lsn(2, Lsn::parse("1/FF000028").unwrap(), DEFAULT_SEGMENT_SIZE),
             s
         );
         assert_eq!(
-            WalName::parse("00000002.history", DEFAULT_SEGMENT_SIZE).unwrap().key(DEFAULT_SEGMENT_SIZE),
+            WalName::parse("00000002.history", DEFAULT_SEGMENT_SIZE)
+                .unwrap()
+                .key(DEFAULT_SEGMENT_SIZE),
             "wal/history/00000002.history"
         );
         assert_eq!(
-            WalName::parse("000000010000000000000002.00000028.backup", DEFAULT_SEGMENT_SIZE)
-                .unwrap()
-                .key(DEFAULT_SEGMENT_SIZE),
+            WalName::parse(
+                "000000010000000000000002.00000028.backup",
+                DEFAULT_SEGMENT_SIZE
+            )
+            .unwrap()
+            .key(DEFAULT_SEGMENT_SIZE),
             "wal/0000000100000000/000000010000000000000002.00000028.backup"
         );
         assert!(WalName::parse("RECOVERYXLOG", DEFAULT_SEGMENT_SIZE).is_err());
@@ -202,7 +222,9 @@ mod tests {
 
     #[test]
     fn history_parses() {
-        let h = parse_history("1\t0/3000000\tno recovery target specified\n\n2\t0/5000A0\tbefore 2026\n");
+        let h = parse_history(
+            "1\t0/3000000\tno recovery target specified\n\n2\t0/5000A0\tbefore 2026\n",
+        );
         assert_eq!(h.len(), 2);
         assert_eq!(h[1].parent_tli, 2);
         assert_eq!(h[1].switch_lsn, Lsn(0x5000A0));

@@ -46,7 +46,10 @@ impl Spool {
         let ok = hex::encode(Sha256::digest(&bytes)) == expect.trim();
         let _ = tokio::fs::remove_file(self.sum(name)).await;
         if !ok {
-            tracing::warn!(segment = name, "spooled WAL failed its checksum; fetching again");
+            tracing::warn!(
+                segment = name,
+                "spooled WAL failed its checksum; fetching again"
+            );
             let _ = tokio::fs::remove_file(self.data(name)).await;
             return false;
         }
@@ -79,7 +82,9 @@ impl Spool {
 
     /// Removes spooled segments older than `keep_from` (already replayed).
     fn prune(&self, keep_from: Segment, seg_size: u64) {
-        let Ok(rd) = std::fs::read_dir(&self.dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             let base = n.trim_end_matches(".sha256");
@@ -95,7 +100,11 @@ impl Spool {
     fn lock(&self) -> Option<LockGuard> {
         let path = self.dir.join("prefetch.lock");
         for _ in 0..2 {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
                 Ok(mut f) => {
                     use std::io::Write;
                     let _ = write!(f, "{}", std::process::id());
@@ -129,8 +138,16 @@ impl Drop for LockGuard {
 /// Downloads segments `first`, `first+1`, ... (up to `count`) into the spool, `parallel` at a
 /// time, stopping at the end of the archive or at the first error (the foreground fetch will
 /// meet that error itself and report it).
-pub async fn run(repo: &Repo, spool: &Spool, first: Segment, count: u32, parallel: usize, seg_size: u64) -> Result<u32> {
-    std::fs::create_dir_all(&spool.dir).map_err(|e| Error::io(format!("create {}", spool.dir.display()), e))?;
+pub async fn run(
+    repo: &Repo,
+    spool: &Spool,
+    first: Segment,
+    count: u32,
+    parallel: usize,
+    seg_size: u64,
+) -> Result<u32> {
+    std::fs::create_dir_all(&spool.dir)
+        .map_err(|e| Error::io(format!("create {}", spool.dir.display()), e))?;
     let Some(_lock) = spool.lock() else {
         return Ok(0);
     };
@@ -153,7 +170,10 @@ pub async fn run(repo: &Repo, spool: &Spool, first: Segment, count: u32, paralle
         }
         let futs = batch.iter().map(|s| async move {
             let wal = WalName::Segment(*s);
-            (s.name(seg_size), archive::read_verified(repo, &wal, seg_size).await)
+            (
+                s.name(seg_size),
+                archive::read_verified(repo, &wal, seg_size).await,
+            )
         });
         let results = futures::future::join_all(futs).await;
         for (name, r) in results {

@@ -25,8 +25,12 @@ pub fn cluster(extra_conf: &str) -> TempCluster {
 
 /// A cluster whose server process (and so archive_command) gets `env`.
 pub fn cluster_env(extra_conf: &str, env: Vec<(String, String)>) -> TempCluster {
-    TempCluster::start_with_env(bins(), &format!("fsync = off\nmax_connections = 40\n{extra_conf}"), env)
-        .expect("start test cluster")
+    TempCluster::start_with_env(
+        bins(),
+        &format!("fsync = off\nmax_connections = 40\n{extra_conf}"),
+        env,
+    )
+    .expect("start test cluster")
 }
 
 /// A cluster plus an env for it; for S3 the server starts first so that archive_command
@@ -41,7 +45,12 @@ pub fn cluster_and_env(extra_conf: &str, kind: RepoKind) -> (TempCluster, Env) {
         RepoKind::S3 => {
             let s3 = s3server::S3Server::start_blocking();
             let tc = cluster_env(extra_conf, s3.env());
-            let env = Env::build_with(&tc.cluster.endpoint(), Some(&tc.cluster.data_dir), Some(s3), "");
+            let env = Env::build_with(
+                &tc.cluster.endpoint(),
+                Some(&tc.cluster.data_dir),
+                Some(s3),
+                "",
+            );
             (tc, env)
         }
     }
@@ -49,12 +58,17 @@ pub fn cluster_and_env(extra_conf: &str, kind: RepoKind) -> (TempCluster, Env) {
 
 pub async fn sql(ep: &Endpoint, db: &str, q: &str) {
     let c = ep.connect(db).await.expect("connect");
-    c.batch_execute(q).await.unwrap_or_else(|e| panic!("{q}: {e:?}"));
+    c.batch_execute(q)
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e:?}"));
 }
 
 pub async fn query_i64(ep: &Endpoint, db: &str, q: &str) -> i64 {
     let c = ep.connect(db).await.expect("connect");
-    c.query_one(q, &[]).await.unwrap_or_else(|e| panic!("{q}: {e:?}")).get(0)
+    c.query_one(q, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{q}: {e:?}"))
+        .get(0)
 }
 
 /// Where a test's repository lives.
@@ -94,7 +108,12 @@ impl Env {
         Self::build_with(ep, data_dir, s3, extra_toml)
     }
 
-    fn build_with(ep: &Endpoint, data_dir: Option<&Path>, s3: Option<s3server::S3Server>, extra_toml: &str) -> Env {
+    fn build_with(
+        ep: &Endpoint,
+        data_dir: Option<&Path>,
+        s3: Option<s3server::S3Server>,
+        extra_toml: &str,
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         // drctl runs as the cluster owner (as archive_command does): let it use this dir.
         if let Some(u) = owner() {
@@ -103,7 +122,10 @@ impl Env {
         let repo_dir = dir.path().join("repo");
         let (repo_toml, s3, extra_env) = match s3 {
             None => (
-                format!("[repository]\nkind = \"fs\"\npath = \"{}\"\n", repo_dir.display()),
+                format!(
+                    "[repository]\nkind = \"fs\"\npath = \"{}\"\n",
+                    repo_dir.display()
+                ),
                 None,
                 vec![],
             ),
@@ -122,7 +144,9 @@ impl Env {
             host = ep.host,
             port = ep.port,
             bin = std::env::var("DRCTL_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN.to_string()),
-            data_dir = data_dir.map(|d| format!("data-dir = \"{}\"\n", d.display())).unwrap_or_default(),
+            data_dir = data_dir
+                .map(|d| format!("data-dir = \"{}\"\n", d.display()))
+                .unwrap_or_default(),
         );
         let config_path = dir.path().join("drctl.toml");
         std::fs::write(&config_path, text).unwrap();
@@ -157,7 +181,8 @@ impl Env {
             None => std::process::Command::new(env!("CARGO_BIN_EXE_drctl")),
         };
         cmd.arg("--config").arg(&self.config_path).args(args);
-        cmd.env("HOME", self.dir.path()).current_dir(self.dir.path());
+        cmd.env("HOME", self.dir.path())
+            .current_dir(self.dir.path());
         cmd.env_remove("DRCTL_CONFIG").env_remove("DRCTL_FAULT");
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
@@ -187,11 +212,17 @@ impl Env {
     /// Opens the repository as the library sees it.
     pub async fn storage(&self) -> drctl::storage::DynStorage {
         match &self.s3 {
-            None => std::sync::Arc::new(drctl::storage::fs::FsStorage::new(&self.repo_dir).unwrap()),
+            None => {
+                std::sync::Arc::new(drctl::storage::fs::FsStorage::new(&self.repo_dir).unwrap())
+            }
             Some(s) => std::sync::Arc::new(
-                drctl::storage::s3::S3Storage::with_credentials(&s.repository_config("pfx"), &s.access_key, &s.secret_key)
-                    .await
-                    .unwrap(),
+                drctl::storage::s3::S3Storage::with_credentials(
+                    &s.repository_config("pfx"),
+                    &s.access_key,
+                    &s.secret_key,
+                )
+                .await
+                .unwrap(),
             ),
         }
     }
@@ -210,7 +241,12 @@ impl Env {
             env!("CARGO_BIN_EXE_drctl"),
             self.config_path.display()
         );
-        sql(ep, "postgres", &format!("ALTER SYSTEM SET archive_command = '{cmd}'")).await;
+        sql(
+            ep,
+            "postgres",
+            &format!("ALTER SYSTEM SET archive_command = '{cmd}'"),
+        )
+        .await;
         sql(ep, "postgres", "SELECT pg_reload_conf()").await;
     }
 
