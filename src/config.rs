@@ -32,6 +32,55 @@ pub struct Config {
     pub wal: WalConfig,
     #[serde(default)]
     pub backup: BackupConfig,
+    #[serde(default)]
+    pub objectives: Objectives,
+}
+
+/// `[objectives]`: the recovery objectives `status` judges (defaults: the runbook's database row).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Objectives {
+    /// Recovery point objective: the most data (as time) a loss may cost.
+    #[serde(default = "default_rpo")]
+    pub rpo: String,
+    /// Recovery time objective: the longest a restore to an open database may take.
+    #[serde(default = "default_rto")]
+    pub rto: String,
+    /// A drill older than this leaves the RTO unproven.
+    #[serde(default = "default_drill_max_age")]
+    pub drill_max_age: String,
+}
+
+fn default_rpo() -> String {
+    "1m".into()
+}
+fn default_rto() -> String {
+    "15m".into()
+}
+fn default_drill_max_age() -> String {
+    "35days".into()
+}
+
+impl Default for Objectives {
+    fn default() -> Self {
+        Objectives {
+            rpo: default_rpo(),
+            rto: default_rto(),
+            drill_max_age: default_drill_max_age(),
+        }
+    }
+}
+
+impl Objectives {
+    pub fn rpo(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.rpo).unwrap_or(std::time::Duration::from_secs(60))
+    }
+    pub fn rto(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.rto).unwrap_or(std::time::Duration::from_secs(900))
+    }
+    pub fn drill_max_age(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.drill_max_age).unwrap_or(std::time::Duration::from_secs(35 * 86400))
+    }
 }
 
 /// `[wal]`: archiving and retrieval.
@@ -137,6 +186,7 @@ impl Default for Config {
             compression: CompressionConfig::default(),
             wal: WalConfig::default(),
             backup: BackupConfig::default(),
+            objectives: Objectives::default(),
         }
     }
 }
@@ -478,6 +528,15 @@ impl Config {
         }
         if self.backup.bundle_size_mib == 0 || self.backup.bundle_size_mib > 1024 {
             return bad("backup.bundle-size-mib", "must be 1..=1024".into());
+        }
+        for (key, v) in [
+            ("objectives.rpo", &self.objectives.rpo),
+            ("objectives.rto", &self.objectives.rto),
+            ("objectives.drill-max-age", &self.objectives.drill_max_age),
+        ] {
+            if let Err(e) = humantime::parse_duration(v) {
+                return bad(key, format!("{v:?} is not a duration ({e}); use e.g. \"1m\", \"15m\", \"35days\""));
+            }
         }
         if r.max_attempts == 0 {
             return bad("repository.max-attempts", "must be at least 1".into());

@@ -27,6 +27,14 @@ pub enum ExitCode {
     NotFound = 7,
     /// The target already exists (use --clean) or another precondition failed.
     Conflict = 8,
+    /// A plan, drill or health check ran and a required check failed (or a stage timed out).
+    CheckFailed = 9,
+    /// `status`: an objective (RPO, RTO) is violated.
+    ObjectiveViolated = 10,
+    /// `status`: an objective is unproven (no successful drill recently enough).
+    ObjectiveUnproven = 11,
+    /// Another drctl process holds the repository lock.
+    Locked = 12,
     /// `wal fetch` could not deliver a segment that may exist (storage error after retries,
     /// checksum mismatch). Above 125, so PostgreSQL aborts recovery instead of promoting early.
     WalFetchFailed = 200,

@@ -2,7 +2,8 @@
 
 use clap::Parser;
 
-use drctl::cli::{Cli, Command, LogFormat, WalCommand};
+use drctl::cli::{Cli, Command, LogFormat, PlanCommand, WalCommand};
+use drctl::restore::executor::Mode;
 use drctl::command::{self, Ctx, Output};
 use drctl::config::Config;
 use drctl::error::{Error, ExitCode};
@@ -50,6 +51,27 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
             command::wal::fetch(&ctx, name, dest).await
         }
         Command::Wal(WalCommand::Prefetch { first }) => command::wal::prefetch(&ctx, first).await,
+        Command::Plan(PlanCommand::Run(a)) => {
+            let mode = if a.health_only {
+                Mode::HealthOnly
+            } else if a.backup_only {
+                Mode::BackupOnly
+            } else if a.test_only {
+                Mode::TestOnly
+            } else {
+                Mode::All
+            };
+            command::plan::run(&ctx, &a.file, mode).await
+        }
+        Command::Plan(PlanCommand::Check { file }) => {
+            let p = drctl::restore::plan::Plan::load(file)?;
+            Ok(command::Output::ok(
+                serde_json::json!({"ok": true, "plan": p.name, "stages": p.stages.len()}),
+                format!("{}: plan {:?} is valid ({} stages)", file.display(), p.name, p.stages.len()),
+            ))
+        }
+        Command::Drill(a) => command::plan::drill(&ctx, a.plan.as_deref(), a.report.as_deref()).await,
+        Command::Status(a) => command::status::run(&ctx, a.prometheus).await,
     }
 }
 

@@ -48,6 +48,55 @@ pub enum Command {
     /// WAL archiving: PostgreSQL's archive_command and restore_command.
     #[command(subcommand)]
     Wal(WalCommand),
+    /// Staged restore plans.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Run a whole plan against a scratch target, record the RTO, tear the target down.
+    Drill(DrillArgs),
+    /// Do the recovery objectives (RPO, RTO) hold right now?
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Run a plan: all stages in order, or only those of one kind.
+    Run(PlanRunArgs),
+    /// Parse and validate a plan without running it.
+    Check {
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("only").args(["health_only", "backup_only", "test_only"])))]
+pub struct PlanRunArgs {
+    pub file: PathBuf,
+    /// Only the health stages (assessment of the running cluster and repository).
+    #[arg(long)]
+    pub health_only: bool,
+    /// Only the backup stages (the restore).
+    #[arg(long)]
+    pub backup_only: bool,
+    /// Only the test stages, against the plan's data-dir target.
+    #[arg(long)]
+    pub test_only: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// The plan (default: a built-in PITR-latest drill).
+    #[arg(long)]
+    pub plan: Option<PathBuf>,
+    /// Write a report for auditors: FILE.md or FILE.html (with a chart of recent drills).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Prometheus text format (node_exporter textfile collector).
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,7 +3,9 @@
 pub mod backup;
 pub mod demo;
 pub mod list;
+pub mod plan;
 pub mod restore;
+pub mod status;
 pub mod verify;
 pub mod wal;
 

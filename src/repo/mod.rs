@@ -8,6 +8,7 @@
 //! <stanza>/history/<kind>/<time>-<id>.json
 //! ```
 
+pub mod history;
 pub mod manifest;
 
 use bytes::Bytes;

@@ -2,3 +2,5 @@
 
 pub mod logical;
 pub mod physical;
+pub mod plan;
+pub mod executor;

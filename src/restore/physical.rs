@@ -329,14 +329,17 @@ async fn restore_group(repo: &Repo, rel: &str, files: &[FileEntry], dir: &Path) 
     let key = repo.key(rel);
     if files.len() == 1 && files[0].object.offset.is_none() {
         let f = &files[0];
-        let mut r = pipeline::open_verified(&**repo.storage(), &key, &f.object)
+        let r = pipeline::open_verified(&**repo.storage(), &key, &f.object)
             .await
             .map_err(missing_is_corruption)?;
         let path = dir.join(&f.path);
-        let mut out = tokio::fs::File::create(&path)
+        let out = tokio::fs::File::create(&path)
             .await
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-        tokio::io::copy(&mut r, &mut out).await.map_err(|e| {
+        // Large buffers: every tokio file write is a trip to the blocking pool.
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
+        let mut r = tokio::io::BufReader::with_capacity(1 << 20, r);
+        tokio::io::copy_buf(&mut r, &mut out).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 Error::Corruption(e.to_string())
             } else {
