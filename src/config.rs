@@ -79,7 +79,8 @@ impl Objectives {
         humantime::parse_duration(&self.rto).unwrap_or(std::time::Duration::from_secs(900))
     }
     pub fn drill_max_age(&self) -> std::time::Duration {
-        humantime::parse_duration(&self.drill_max_age).unwrap_or(std::time::Duration::from_secs(35 * 86400))
+        humantime::parse_duration(&self.drill_max_age)
+            .unwrap_or(std::time::Duration::from_secs(35 * 86400))
     }
 }
 
@@ -535,7 +536,10 @@ impl Config {
             ("objectives.drill-max-age", &self.objectives.drill_max_age),
         ] {
             if let Err(e) = humantime::parse_duration(v) {
-                return bad(key, format!("{v:?} is not a duration ({e}); use e.g. \"1m\", \"15m\", \"35days\""));
+                return bad(
+                    key,
+                    format!("{v:?} is not a duration ({e}); use e.g. \"1m\", \"15m\", \"35days\""),
+                );
             }
         }
         if r.max_attempts == 0 {

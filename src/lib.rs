@@ -6,15 +6,15 @@
 //! (fs and S3 drivers and their decorators), `pg` (PostgreSQL access and cluster control).
 
 pub mod backup;
-pub mod clock;
 pub mod cli;
+pub mod clock;
 pub mod command;
 pub mod config;
 pub mod error;
 pub mod pg;
 pub mod pipeline;
-pub mod report;
 pub mod repo;
+pub mod report;
 pub mod restore;
 pub mod storage;
 pub mod validate;

@@ -3,10 +3,10 @@
 use clap::Parser;
 
 use drctl::cli::{Cli, Command, LogFormat, PlanCommand, WalCommand};
-use drctl::restore::executor::Mode;
 use drctl::command::{self, Ctx, Output};
 use drctl::config::Config;
 use drctl::error::{Error, ExitCode};
+use drctl::restore::executor::Mode;
 
 fn init_tracing(verbose: u8, format: LogFormat) {
     let default = match verbose {
@@ -67,10 +67,17 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
             let p = drctl::restore::plan::Plan::load(file)?;
             Ok(command::Output::ok(
                 serde_json::json!({"ok": true, "plan": p.name, "stages": p.stages.len()}),
-                format!("{}: plan {:?} is valid ({} stages)", file.display(), p.name, p.stages.len()),
+                format!(
+                    "{}: plan {:?} is valid ({} stages)",
+                    file.display(),
+                    p.name,
+                    p.stages.len()
+                ),
             ))
         }
-        Command::Drill(a) => command::plan::drill(&ctx, a.plan.as_deref(), a.report.as_deref()).await,
+        Command::Drill(a) => {
+            command::plan::drill(&ctx, a.plan.as_deref(), a.report.as_deref()).await
+        }
         Command::Status(a) => command::status::run(&ctx, a.prometheus).await,
     }
 }

@@ -7,7 +7,10 @@ use crate::error::{Error, Result};
 use crate::restore::executor::PlanReport;
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn status(s: &crate::validate::Status) -> String {
@@ -24,7 +27,9 @@ pub fn markdown(r: &PlanReport, past: &[PlanReport]) -> String {
         r.target,
         r.backup.clone().unwrap_or_else(|| "-".into()),
         r.restored_to.clone().unwrap_or_else(|| "-".into()),
-        r.rto_seconds.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "not measured".into()),
+        r.rto_seconds
+            .map(|s| format!("{s:.1}s"))
+            .unwrap_or_else(|| "not measured".into()),
         r.rto_target_seconds,
         match r.rto_met {
             Some(true) => "met",
@@ -33,9 +38,23 @@ pub fn markdown(r: &PlanReport, past: &[PlanReport]) -> String {
         }
     );
     for s in &r.stages {
-        o += &format!("| {} | {} | {} | {:.2} | {} |\n", s.name, s.kind, status(&s.status), s.seconds, s.message.replace('|', "\\|"));
+        o += &format!(
+            "| {} | {} | {} | {:.2} | {} |\n",
+            s.name,
+            s.kind,
+            status(&s.status),
+            s.seconds,
+            s.message.replace('|', "\\|")
+        );
         for c in &s.checks {
-            o += &format!("| &nbsp;&nbsp;{} | {} | {} | {:.2} | {} |\n", c.name, c.kind, status(&c.status), c.seconds, c.message.replace('|', "\\|"));
+            o += &format!(
+                "| &nbsp;&nbsp;{} | {} | {} | {:.2} | {} |\n",
+                c.name,
+                c.kind,
+                status(&c.status),
+                c.seconds,
+                c.message.replace('|', "\\|")
+            );
         }
     }
     o += "\n## Recent drills\n\n| finished | plan | result | RTO (s) | target (s) |\n|---|---|---|---:|---:|\n";
@@ -45,7 +64,9 @@ pub fn markdown(r: &PlanReport, past: &[PlanReport]) -> String {
             d.finished_at.to_rfc3339(),
             d.plan,
             if d.ok { "passed" } else { "FAILED" },
-            d.rto_seconds.map(|s| format!("{s:.1}")).unwrap_or_else(|| "-".into()),
+            d.rto_seconds
+                .map(|s| format!("{s:.1}"))
+                .unwrap_or_else(|| "-".into()),
             d.rto_target_seconds
         );
     }
@@ -56,7 +77,10 @@ pub fn markdown(r: &PlanReport, past: &[PlanReport]) -> String {
 pub fn chart(past: &[PlanReport]) -> String {
     let drills: Vec<&PlanReport> = past.iter().rev().collect();
     let (w, h, pad) = (640.0, 240.0, 40.0);
-    let target = drills.iter().map(|d| d.rto_target_seconds).fold(0.0, f64::max);
+    let target = drills
+        .iter()
+        .map(|d| d.rto_target_seconds)
+        .fold(0.0, f64::max);
     let max = drills
         .iter()
         .filter_map(|d| d.rto_seconds)
@@ -66,19 +90,34 @@ pub fn chart(past: &[PlanReport]) -> String {
     let n = drills.len().max(1) as f64;
     let bw = (w - 2.0 * pad) / n;
     let y = |v: f64| h - pad - (h - 2.0 * pad) * v / max;
-    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="RTO of recent drills">"#);
-    s += &format!(r##"<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##, h - pad, w - pad, h - pad);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="RTO of recent drills">"#
+    );
+    s += &format!(
+        r##"<line x1="{pad}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
+        h - pad,
+        w - pad,
+        h - pad
+    );
     for (i, d) in drills.iter().enumerate() {
         let x = pad + i as f64 * bw + bw * 0.15;
         let v = d.rto_seconds.unwrap_or(0.0);
-        let color = if !d.ok { "#c0392b" } else if d.rto_met == Some(true) { "#27ae60" } else { "#e67e22" };
+        let color = if !d.ok {
+            "#c0392b"
+        } else if d.rto_met == Some(true) {
+            "#27ae60"
+        } else {
+            "#e67e22"
+        };
         s += &format!(
             r##"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{}: {}</title></rect>"##,
             y(v),
             bw * 0.7,
             (h - pad - y(v)).max(0.0),
             esc(&d.finished_at.format("%Y-%m-%d").to_string()),
-            d.rto_seconds.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "failed".into())
+            d.rto_seconds
+                .map(|s| format!("{s:.1}s"))
+                .unwrap_or_else(|| "failed".into())
         );
     }
     s += &format!(
@@ -88,7 +127,9 @@ pub fn chart(past: &[PlanReport]) -> String {
         y(target) - 4.0,
         ty = y(target)
     );
-    s += &format!(r#"<text x="{pad}" y="16" font-size="12">RTO per drill (seconds, max {max:.0})</text></svg>"#);
+    s += &format!(
+        r#"<text x="{pad}" y="16" font-size="12">RTO per drill (seconds, max {max:.0})</text></svg>"#
+    );
     s
 }
 
@@ -115,13 +156,29 @@ pub fn html(r: &PlanReport, past: &[PlanReport]) -> String {
             if line.starts_with("|---") {
                 continue;
             }
-            let cells: Vec<String> = line.trim_matches('|').split(" | ").map(|c| esc(c.trim()).replace("&amp;nbsp;", "&nbsp;")).collect();
+            let cells: Vec<String> = line
+                .trim_matches('|')
+                .split(" | ")
+                .map(|c| esc(c.trim()).replace("&amp;nbsp;", "&nbsp;"))
+                .collect();
             if !in_table {
                 body += "<table>\n";
-                body += &format!("<tr>{}</tr>\n", cells.iter().map(|c| format!("<th>{c}</th>")).collect::<String>());
+                body += &format!(
+                    "<tr>{}</tr>\n",
+                    cells
+                        .iter()
+                        .map(|c| format!("<th>{c}</th>"))
+                        .collect::<String>()
+                );
                 in_table = true;
             } else {
-                body += &format!("<tr>{}</tr>\n", cells.iter().map(|c| format!("<td>{c}</td>")).collect::<String>());
+                body += &format!(
+                    "<tr>{}</tr>\n",
+                    cells
+                        .iter()
+                        .map(|c| format!("<td>{c}</td>"))
+                        .collect::<String>()
+                );
             }
         }
     }
@@ -138,7 +195,12 @@ pub fn write(path: &Path, r: &PlanReport, past: &[PlanReport]) -> Result<()> {
     let text = match path.extension().and_then(|e| e.to_str()) {
         Some("html") | Some("htm") => html(r, past),
         Some("md") | Some("markdown") => markdown(r, past),
-        _ => return Err(Error::Usage(format!("--report {}: use a .md or .html file name", path.display()))),
+        _ => {
+            return Err(Error::Usage(format!(
+                "--report {}: use a .md or .html file name",
+                path.display()
+            )));
+        }
     };
     std::fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))
 }

@@ -62,9 +62,7 @@ pub enum PlanCommand {
     /// Run a plan: all stages in order, or only those of one kind.
     Run(PlanRunArgs),
     /// Parse and validate a plan without running it.
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
 }
 
 #[derive(Debug, Args)]

@@ -82,7 +82,13 @@ pub async fn drill(ctx: &Ctx, file: Option<&Path>, report_path: Option<&Path>) -
 fn render(r: &PlanReport) -> Output {
     let mut rows = Vec::new();
     for s in &r.stages {
-        rows.push(vec![s.name.clone(), s.kind.clone(), format!("{:?}", s.status).to_lowercase(), format!("{:.2}s", s.seconds), s.message.clone()]);
+        rows.push(vec![
+            s.name.clone(),
+            s.kind.clone(),
+            format!("{:?}", s.status).to_lowercase(),
+            format!("{:.2}s", s.seconds),
+            s.message.clone(),
+        ]);
         for c in &s.checks {
             rows.push(vec![
                 format!("  {}", c.name),
@@ -94,27 +100,54 @@ fn render(r: &PlanReport) -> Output {
         }
     }
     let mut text = vec![
-        format!("plan {} ({}) against {}", r.plan, serde_json::to_value(r.mode).unwrap_or_default().as_str().unwrap_or(""), r.target),
-        table(&["STAGE / CHECK", "KIND", "STATUS", "TIME", "DETAIL"], &rows),
+        format!(
+            "plan {} ({}) against {}",
+            r.plan,
+            serde_json::to_value(r.mode)
+                .unwrap_or_default()
+                .as_str()
+                .unwrap_or(""),
+            r.target
+        ),
+        table(
+            &["STAGE / CHECK", "KIND", "STATUS", "TIME", "DETAIL"],
+            &rows,
+        ),
     ];
     if let Some(b) = &r.backup {
-        text.push(format!("backup used: {b}; restored to: {}", r.restored_to.clone().unwrap_or_default()));
+        text.push(format!(
+            "backup used: {b}; restored to: {}",
+            r.restored_to.clone().unwrap_or_default()
+        ));
     }
     match r.rto_seconds {
         Some(rto) => text.push(format!(
             "RTO measured: {rto:.1}s against a target of {:.0}s: {}",
             r.rto_target_seconds,
-            if r.rto_met == Some(true) { "MET" } else { "VIOLATED" }
+            if r.rto_met == Some(true) {
+                "MET"
+            } else {
+                "VIOLATED"
+            }
         )),
-        None if r.drill || r.mode == Mode::All => text.push("RTO: not measured (the plan did not reach a validated, open database)".into()),
+        None if r.drill || r.mode == Mode::All => text
+            .push("RTO: not measured (the plan did not reach a validated, open database)".into()),
         None => {}
     }
-    text.push(if r.ok { "result: PASSED".into() } else { "result: FAILED".into() });
+    text.push(if r.ok {
+        "result: PASSED".into()
+    } else {
+        "result: FAILED".into()
+    });
     let mut json = serde_json::to_value(r).unwrap_or_default();
     json["rto_seconds"] = json!(r.rto_seconds);
     Output {
         json,
         human: text.join("\n"),
-        exit: if r.ok { ExitCode::Ok } else { ExitCode::CheckFailed },
+        exit: if r.ok {
+            ExitCode::Ok
+        } else {
+            ExitCode::CheckFailed
+        },
     }
 }

@@ -52,25 +52,41 @@ pub async fn compute(ctx: &Ctx) -> Result<Status> {
 
     // RPO: from the server when it answers, else from the newest archived segment.
     let ep = Endpoint::from_config(&ctx.config.postgres);
-    let (rpo_seconds, rpo_source) = match validate::rpo_exposure(&ep, &ctx.config.postgres.database, now).await {
-        Ok(st) if st.archive_mode != "off" => {
-            if st.last_failed_at.is_some_and(|f| st.last_archived_at.is_none_or(|a| f > a)) {
-                notes.push(format!("archiving is failing: last failure on {}", st.last_failed));
+    let (rpo_seconds, rpo_source) =
+        match validate::rpo_exposure(&ep, &ctx.config.postgres.database, now).await {
+            Ok(st) if st.archive_mode != "off" => {
+                if st
+                    .last_failed_at
+                    .is_some_and(|f| st.last_archived_at.is_none_or(|a| f > a))
+                {
+                    notes.push(format!(
+                        "archiving is failing: last failure on {}",
+                        st.last_failed
+                    ));
+                }
+                (
+                    if st.exposure == Duration::MAX {
+                        None
+                    } else {
+                        Some(st.exposure.as_secs_f64())
+                    },
+                    "server".to_string(),
+                )
             }
-            (
-                if st.exposure == Duration::MAX { None } else { Some(st.exposure.as_secs_f64()) },
-                "server".to_string(),
-            )
-        }
-        Ok(_) => {
-            notes.push("archive_mode is off on the server: nothing is archived".into());
-            (None, "server".into())
-        }
-        Err(e) => {
-            notes.push(format!("server unreachable ({e}); RPO from the repository alone"));
-            (newest_wal_age(&repo, &ctx.config, now).await?, "repository".into())
-        }
-    };
+            Ok(_) => {
+                notes.push("archive_mode is off on the server: nothing is archived".into());
+                (None, "server".into())
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "server unreachable ({e}); RPO from the repository alone"
+                ));
+                (
+                    newest_wal_age(&repo, &ctx.config, now).await?,
+                    "repository".into(),
+                )
+            }
+        };
     let rpo_target = obj.rpo();
     let rpo = match rpo_seconds {
         Some(s) if s <= rpo_target.as_secs_f64() => Verdict::Met,
@@ -136,12 +152,21 @@ pub async fn compute(ctx: &Ctx) -> Result<Status> {
 
 /// Upper bound of the RPO exposure when the server is unreachable: time since the newest
 /// archived segment was pushed.
-async fn newest_wal_age(repo: &crate::repo::Repo, cfg: &crate::config::Config, now: DateTime<Utc>) -> Result<Option<f64>> {
+async fn newest_wal_age(
+    repo: &crate::repo::Repo,
+    cfg: &crate::config::Config,
+    now: DateTime<Utc>,
+) -> Result<Option<f64>> {
     let seg_size = cfg.wal.segment_size();
     let objs = repo.storage().list(&repo.key("wal/")).await?;
     let newest = objs
         .iter()
-        .filter(|o| matches!(WalName::parse(o.key.rsplit('/').next().unwrap_or(""), seg_size), Ok(WalName::Segment(_))))
+        .filter(|o| {
+            matches!(
+                WalName::parse(o.key.rsplit('/').next().unwrap_or(""), seg_size),
+                Ok(WalName::Segment(_))
+            )
+        })
         .max_by(|a, b| a.key.rsplit('/').next().cmp(&b.key.rsplit('/').next()));
     let Some(o) = newest else { return Ok(None) };
     let h = crate::wal::archive::read_header(repo, &o.key).await?;
@@ -157,7 +182,11 @@ pub async fn run(ctx: &Ctx, prometheus: bool) -> Result<Output> {
     } else {
         ExitCode::Ok
     };
-    let human = if prometheus { prometheus_text(&st) } else { human(&st) };
+    let human = if prometheus {
+        prometheus_text(&st)
+    } else {
+        human(&st)
+    };
     Ok(Output {
         json: serde_json::to_value(&st).unwrap_or_default(),
         human,
@@ -166,7 +195,8 @@ pub async fn run(ctx: &Ctx, prometheus: bool) -> Result<Output> {
 }
 
 fn secs(v: Option<f64>) -> String {
-    v.map(|s| format!("{s:.1}s")).unwrap_or_else(|| "unknown".into())
+    v.map(|s| format!("{s:.1}s"))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn human(st: &Status) -> String {
@@ -174,13 +204,21 @@ fn human(st: &Status) -> String {
     let mut out = vec![table(
         &["OBJECTIVE", "TARGET", "CURRENT", "VERDICT", "SOURCE"],
         &[
-            vec!["RPO".into(), format!("{:.0}s", st.rpo_target_seconds), secs(st.rpo_seconds), v(st.rpo), st.rpo_source.clone()],
+            vec![
+                "RPO".into(),
+                format!("{:.0}s", st.rpo_target_seconds),
+                secs(st.rpo_seconds),
+                v(st.rpo),
+                st.rpo_source.clone(),
+            ],
             vec![
                 "RTO".into(),
                 format!("{:.0}s", st.rto_target_seconds),
                 secs(st.rto_seconds),
                 v(st.rto),
-                st.last_drill_at.map(|t| format!("drill {}", t.to_rfc3339())).unwrap_or_else(|| "no drill".into()),
+                st.last_drill_at
+                    .map(|t| format!("drill {}", t.to_rfc3339()))
+                    .unwrap_or_else(|| "no drill".into()),
             ],
         ],
     )];
@@ -215,36 +253,78 @@ pub fn prometheus_text(st: &Status) -> String {
         }
     };
     if let Some(r) = st.rpo_seconds {
-        g("drctl_rpo_seconds", "Age of the oldest change not yet archived (upper bound).", vec![(String::new(), r)]);
-        g("drctl_wal_archive_lag_seconds", "WAL archive lag.", vec![(String::new(), r)]);
+        g(
+            "drctl_rpo_seconds",
+            "Age of the oldest change not yet archived (upper bound).",
+            vec![(String::new(), r)],
+        );
+        g(
+            "drctl_wal_archive_lag_seconds",
+            "WAL archive lag.",
+            vec![(String::new(), r)],
+        );
     }
-    g("drctl_rpo_target_seconds", "RPO objective.", vec![(String::new(), st.rpo_target_seconds)]);
-    g("drctl_rto_target_seconds", "RTO objective.", vec![(String::new(), st.rto_target_seconds)]);
+    g(
+        "drctl_rpo_target_seconds",
+        "RPO objective.",
+        vec![(String::new(), st.rpo_target_seconds)],
+    );
+    g(
+        "drctl_rto_target_seconds",
+        "RTO objective.",
+        vec![(String::new(), st.rto_target_seconds)],
+    );
     if let Some(r) = st.rto_seconds {
-        g("drctl_rto_last_drill_seconds", "RTO measured by the last successful drill.", vec![(String::new(), r)]);
+        g(
+            "drctl_rto_last_drill_seconds",
+            "RTO measured by the last successful drill.",
+            vec![(String::new(), r)],
+        );
     }
     if let Some(t) = st.last_drill_at {
-        g("drctl_drill_last_success_timestamp_seconds", "When the last successful drill finished.", vec![(String::new(), t.timestamp() as f64)]);
+        g(
+            "drctl_drill_last_success_timestamp_seconds",
+            "When the last successful drill finished.",
+            vec![(String::new(), t.timestamp() as f64)],
+        );
     }
     let b = |x: Verdict| if x == Verdict::Met { 0.0 } else { 1.0 };
     g(
         "drctl_objective_violated",
         "1 if the objective is violated or unproven.",
-        vec![("{objective=\"rpo\"}".into(), b(st.rpo)), ("{objective=\"rto\"}".into(), b(st.rto))],
+        vec![
+            ("{objective=\"rpo\"}".into(), b(st.rpo)),
+            ("{objective=\"rto\"}".into(), b(st.rto)),
+        ],
     );
     let mut ts = Vec::new();
     let mut dur = Vec::new();
     let mut size = Vec::new();
     for bk in &st.backups {
         let l = format!("{{type=\"{}\"}}", bk["type"].as_str().unwrap_or(""));
-        if let Some(t) = bk["finished_at"].as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()) {
+        if let Some(t) = bk["finished_at"]
+            .as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        {
             ts.push((l.clone(), t.timestamp() as f64));
         }
         dur.push((l.clone(), bk["duration_seconds"].as_f64().unwrap_or(0.0)));
         size.push((l, bk["size"].as_u64().unwrap_or(0) as f64));
     }
-    g("drctl_backup_last_success_timestamp_seconds", "When the newest backup of each type finished.", ts);
-    g("drctl_backup_duration_seconds", "Duration of the newest backup of each type.", dur);
-    g("drctl_backup_size_bytes", "Raw size of the newest backup of each type.", size);
+    g(
+        "drctl_backup_last_success_timestamp_seconds",
+        "When the newest backup of each type finished.",
+        ts,
+    );
+    g(
+        "drctl_backup_duration_seconds",
+        "Duration of the newest backup of each type.",
+        dur,
+    );
+    g(
+        "drctl_backup_size_bytes",
+        "Raw size of the newest backup of each type.",
+        size,
+    );
     o
 }

@@ -101,7 +101,11 @@ pub struct RunOptions {
 pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> Result<PlanReport> {
     let started = Instant::now();
     let started_at = crate::clock::now();
-    let target_kind = if opts.drill { TargetKind::Scratch } else { plan.target.kind };
+    let target_kind = if opts.drill {
+        TargetKind::Scratch
+    } else {
+        plan.target.kind
+    };
     if opts.mode == Mode::TestOnly && target_kind == TargetKind::Scratch {
         return Err(Error::Usage(format!(
             "plan {:?}: --test-only needs a restored target, but the target is `scratch` (torn down after each run); \
@@ -144,7 +148,8 @@ pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> R
         let fut = async {
             match stage.kind {
                 StageKind::Backup => {
-                    let lt = restore_into_target(cfg, repo, plan, target_kind, &opts.config_path).await?;
+                    let lt = restore_into_target(cfg, repo, plan, target_kind, &opts.config_path)
+                        .await?;
                     let msg = format!("restored into {}", lt.describe);
                     live = Some(lt);
                     Ok::<_, Error>((Status::Pass, msg, Vec::new()))
@@ -169,11 +174,20 @@ pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> R
                     let mut results = Vec::new();
                     for c in &stage.checks {
                         let r = validate::run(c, stage.kind, &ctx).await;
-                        eprintln!("    {:<8} {}: {}", format!("{:?}", r.status).to_lowercase(), r.name, r.message);
+                        eprintln!(
+                            "    {:<8} {}: {}",
+                            format!("{:?}", r.status).to_lowercase(),
+                            r.name,
+                            r.message
+                        );
                         results.push(r);
                     }
                     let failed = results.iter().filter(|r| r.status == Status::Fail).count();
-                    let status = if failed == 0 { Status::Pass } else { Status::Fail };
+                    let status = if failed == 0 {
+                        Status::Pass
+                    } else {
+                        Status::Fail
+                    };
                     let msg = format!("{} checks, {failed} failed", results.len());
                     Ok((status, msg, results))
                 }
@@ -184,11 +198,19 @@ pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> R
             Ok(Err(e)) => (Status::Fail, e.to_string(), Vec::new()),
             Err(_) => (
                 Status::Timeout,
-                format!("stage ran past its timeout of {}", humantime::format_duration(timeout)),
+                format!(
+                    "stage ran past its timeout of {}",
+                    humantime::format_duration(timeout)
+                ),
                 Vec::new(),
             ),
         };
-        eprintln!("    stage {}: {:?} in {:.2}s", stage.name, status, t.elapsed().as_secs_f64());
+        eprintln!(
+            "    stage {}: {:?} in {:.2}s",
+            stage.name,
+            status,
+            t.elapsed().as_secs_f64()
+        );
         if status == Status::Pass {
             match stage.kind {
                 StageKind::Test => last_test_end = Some(started.elapsed()),
@@ -208,10 +230,10 @@ pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> R
             checks,
         });
     }
-    let ok = reports
-        .iter()
-        .all(|r| matches!(r.status, Status::Pass | Status::Skipped) && !r.checks.iter().any(|c| c.status == Status::Fail))
-        && !aborted;
+    let ok = reports.iter().all(|r| {
+        matches!(r.status, Status::Pass | Status::Skipped)
+            && !r.checks.iter().any(|c| c.status == Status::Fail)
+    }) && !aborted;
     // The RTO needs a restore in this run and every test passed after it.
     let restored = backup_end.is_some();
     let tests_ran = reports.iter().any(|r| r.kind == "test");
@@ -228,9 +250,19 @@ pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> R
         started_at,
         finished_at: crate::clock::now(),
         ok,
-        target: live.as_ref().map(|l| l.describe.clone()).unwrap_or_else(|| format!("{target_kind:?}").to_lowercase()),
-        backup: live.as_ref().and_then(|l| l.restored.as_ref().map(|m| m.id.clone())),
-        restored_to: plan.restore.pitr.clone().or(plan.restore.logical.clone()).filter(|_| restored),
+        target: live
+            .as_ref()
+            .map(|l| l.describe.clone())
+            .unwrap_or_else(|| format!("{target_kind:?}").to_lowercase()),
+        backup: live
+            .as_ref()
+            .and_then(|l| l.restored.as_ref().map(|m| m.id.clone())),
+        restored_to: plan
+            .restore
+            .pitr
+            .clone()
+            .or(plan.restore.logical.clone())
+            .filter(|_| restored),
         stages: reports,
         rto_seconds,
         rto_target_seconds: rto_target.as_secs_f64(),
@@ -242,12 +274,20 @@ pub async fn run(cfg: &Config, repo: &Repo, plan: &Plan, opts: &RunOptions) -> R
 }
 
 fn existing_target(plan: &Plan) -> Result<LiveTarget> {
-    let port = plan.target.port.ok_or_else(|| Error::Config("target.port is required".into()))?;
+    let port = plan
+        .target
+        .port
+        .ok_or_else(|| Error::Config("target.port is required".into()))?;
     let host = plan
         .target
         .host
         .clone()
-        .or_else(|| plan.target.socket_dir.as_ref().map(|s| s.display().to_string()))
+        .or_else(|| {
+            plan.target
+                .socket_dir
+                .as_ref()
+                .map(|s| s.display().to_string())
+        })
         .unwrap_or_else(|| "127.0.0.1".into());
     let ep = Endpoint {
         host,
@@ -256,7 +296,15 @@ fn existing_target(plan: &Plan) -> Result<LiveTarget> {
         connect_timeout: Duration::from_secs(10),
     };
     Ok(LiveTarget {
-        describe: format!("{} ({})", plan.target.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), ep.describe()),
+        describe: format!(
+            "{} ({})",
+            plan.target
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            ep.describe()
+        ),
         endpoint: ep,
         _scratch: None,
         restored: None,
@@ -293,7 +341,16 @@ async fn restore_into_target(
                 let data_dir = tc.cluster.data_dir.clone();
                 let describe = format!("scratch cluster {}", ep.describe());
                 let dir = scratch_dir()?;
-                (ep, Some(Scratch { dir, data_dir, cluster: Some(tc), bins: bins.clone() }), describe)
+                (
+                    ep,
+                    Some(Scratch {
+                        dir,
+                        data_dir,
+                        cluster: Some(tc),
+                        bins: bins.clone(),
+                    }),
+                    describe,
+                )
             }
             TargetKind::DataDir => {
                 let t = existing_target(plan)?;
@@ -352,7 +409,11 @@ async fn restore_into_target(
         timeout: Duration::from_secs(3600),
         config_path: config_path.to_path_buf(),
         // A scratch copy never archives, and needs no durability.
-        extra_conf: if kind == TargetKind::Scratch { "fsync = off\narchive_mode = off\n".into() } else { String::new() },
+        extra_conf: if kind == TargetKind::Scratch {
+            "fsync = off\narchive_mode = off\n".into()
+        } else {
+            String::new()
+        },
     };
     let r = physical::run(cfg, repo, &opts).await?;
     let manifest = repo.load_manifest(&r.backup).await?;
@@ -369,7 +430,11 @@ async fn restore_into_target(
     };
     let describe = format!(
         "{} {} ({})",
-        if kind == TargetKind::Scratch { "scratch" } else { "data-dir" },
+        if kind == TargetKind::Scratch {
+            "scratch"
+        } else {
+            "data-dir"
+        },
         target_dir.display(),
         endpoint.describe()
     );

@@ -246,9 +246,8 @@ impl CheckKind {
         use CheckKind::*;
         match self {
             Connect | RlsEnabled | Sql | Http | Command => stage != StageKind::Backup,
-            Connections | LongRunningQueries | Archiver | BackupAge | WalContinuity | Repository | DiskFree => {
-                stage == StageKind::Health
-            }
+            Connections | LongRunningQueries | Archiver | BackupAge | WalContinuity
+            | Repository | DiskFree => stage == StageKind::Health,
             TenantIsolation | RowCounts | Amcheck => stage == StageKind::Test,
         }
     }
@@ -256,13 +255,19 @@ impl CheckKind {
 
 impl Check {
     pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| self.kind.name().to_string())
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.kind.name().to_string())
     }
 }
 
 /// Parses "5m", "90s", "1h30m".
 pub fn parse_duration(s: &str, what: &str) -> Result<Duration> {
-    humantime::parse_duration(s).map_err(|e| Error::Config(format!("{what}: {s:?} is not a duration ({e}); use e.g. \"90s\", \"5m\", \"1h\"")))
+    humantime::parse_duration(s).map_err(|e| {
+        Error::Config(format!(
+            "{what}: {s:?} is not a duration ({e}); use e.g. \"90s\", \"5m\", \"1h\""
+        ))
+    })
 }
 
 impl Plan {
@@ -273,8 +278,9 @@ impl Plan {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Plan> {
-        let plan: Plan = toml::from_str(text)
-            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+        let plan: Plan = toml::from_str(text).map_err(|e| {
+            Error::Config(format!("{}: {}", path.display(), e.to_string().trim_end()))
+        })?;
         plan.validate(path)?;
         Ok(plan)
     }
@@ -282,7 +288,12 @@ impl Plan {
     /// Checks what types cannot: durations parse, each check has what it needs, stage kinds
     /// hold only checks that make sense there.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |key: String, why: String| Err(Error::Config(format!("{}: key `{key}`: {why}", path.display())));
+        let bad = |key: String, why: String| {
+            Err(Error::Config(format!(
+                "{}: key `{key}`: {why}",
+                path.display()
+            )))
+        };
         if self.name.is_empty() {
             return bad("name".into(), "must not be empty".into());
         }
@@ -290,23 +301,44 @@ impl Plan {
             parse_duration(r, &format!("{}: key `rto`", path.display()))?;
         }
         match (&self.restore.pitr, &self.restore.logical) {
-            (Some(_), Some(_)) => return bad("restore".into(), "give either `pitr` or `logical`, not both".into()),
-            (None, Some(_)) if self.restore.database.is_none() => {
-                return bad("restore.database".into(), "a logical restore needs `database`".into());
+            (Some(_), Some(_)) => {
+                return bad(
+                    "restore".into(),
+                    "give either `pitr` or `logical`, not both".into(),
+                );
             }
-            (Some(p), None) if p != "latest" && chrono::DateTime::parse_from_rfc3339(p).is_err() => {
-                return bad("restore.pitr".into(), format!("{p:?} is neither `latest` nor an RFC 3339 time"));
+            (None, Some(_)) if self.restore.database.is_none() => {
+                return bad(
+                    "restore.database".into(),
+                    "a logical restore needs `database`".into(),
+                );
+            }
+            (Some(p), None)
+                if p != "latest" && chrono::DateTime::parse_from_rfc3339(p).is_err() =>
+            {
+                return bad(
+                    "restore.pitr".into(),
+                    format!("{p:?} is neither `latest` nor an RFC 3339 time"),
+                );
             }
             _ => {}
         }
-        if self.target.kind == TargetKind::DataDir && (self.target.path.is_none() || self.target.port.is_none()) {
-            return bad("target".into(), "kind = \"data-dir\" needs `path` and `port`".into());
+        if self.target.kind == TargetKind::DataDir
+            && (self.target.path.is_none() || self.target.port.is_none())
+        {
+            return bad(
+                "target".into(),
+                "kind = \"data-dir\" needs `path` and `port`".into(),
+            );
         }
         if let Some(m) = &self.target.archive_mode
             && m != "preserve"
             && m != "off"
         {
-            return bad("target.archive-mode".into(), format!("{m:?}: use \"preserve\" or \"off\""));
+            return bad(
+                "target.archive-mode".into(),
+                format!("{m:?}: use \"preserve\" or \"off\""),
+            );
         }
         if self.stages.is_empty() {
             return bad("stage".into(), "a plan needs at least one [[stage]]".into());
@@ -316,13 +348,26 @@ impl Plan {
             if let Some(t) = &st.timeout {
                 parse_duration(t, &format!("{}: key `{at}.timeout`", path.display()))?;
             }
-            if st.kind == StageKind::Backup && self.restore.pitr.is_none() && self.restore.logical.is_none() {
-                return bad(format!("{at}.kind"), "a backup stage needs [restore] pitr or logical".into());
+            if st.kind == StageKind::Backup
+                && self.restore.pitr.is_none()
+                && self.restore.logical.is_none()
+            {
+                return bad(
+                    format!("{at}.kind"),
+                    "a backup stage needs [restore] pitr or logical".into(),
+                );
             }
             for (j, c) in st.checks.iter().enumerate() {
                 let ck = format!("{at}.check[{j}]");
                 if !c.kind.allowed_in(st.kind) {
-                    return bad(format!("{ck}.type"), format!("a `{}` check cannot run in a {} stage", c.kind.name(), st.kind));
+                    return bad(
+                        format!("{ck}.type"),
+                        format!(
+                            "a `{}` check cannot run in a {} stage",
+                            c.kind.name(),
+                            st.kind
+                        ),
+                    );
                 }
                 let need = |field: &str, ok: bool| -> Result<()> {
                     if ok {
@@ -351,7 +396,9 @@ impl Plan {
                         need("query", c.query.is_some())?;
                         need("expect", c.expect.is_some())?;
                     }
-                    CheckKind::RowCounts | CheckKind::Amcheck => need("database", c.database.is_some())?,
+                    CheckKind::RowCounts | CheckKind::Amcheck => {
+                        need("database", c.database.is_some())?
+                    }
                     CheckKind::Http => need("url", c.url.is_some())?,
                     CheckKind::Command => need("argv", !c.argv.is_empty())?,
                     _ => {}

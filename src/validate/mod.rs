@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::pg::{self, Endpoint};
 use crate::repo::{BackupKind, Manifest, Repo};
 use crate::restore::plan::{Check, CheckKind, Expect, StageKind, parse_duration};
-use crate::wal::continuity::Archive;
 use crate::wal::Segment;
+use crate::wal::continuity::Archive;
 
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
@@ -55,7 +55,10 @@ pub struct CheckCtx {
 impl CheckCtx {
     fn endpoint(&self, stage: StageKind) -> Result<&Endpoint> {
         match stage {
-            StageKind::Test => self.target.as_ref().ok_or_else(|| Error::Usage("no restored target to test".into())),
+            StageKind::Test => self
+                .target
+                .as_ref()
+                .ok_or_else(|| Error::Usage("no restored target to test".into())),
             _ => Ok(&self.source),
         }
     }
@@ -66,8 +69,22 @@ pub async fn run(check: &Check, stage: StageKind, ctx: &CheckCtx) -> CheckResult
     let t = Instant::now();
     let outcome = match run_inner(check, stage, ctx).await {
         Ok(Ok(msg)) => (Status::Pass, msg),
-        Ok(Err(msg)) => (if check.required { Status::Fail } else { Status::Warn }, msg),
-        Err(e) => (if check.required { Status::Fail } else { Status::Warn }, e.to_string()),
+        Ok(Err(msg)) => (
+            if check.required {
+                Status::Fail
+            } else {
+                Status::Warn
+            },
+            msg,
+        ),
+        Err(e) => (
+            if check.required {
+                Status::Fail
+            } else {
+                Status::Warn
+            },
+            e.to_string(),
+        ),
     };
     CheckResult {
         name: check.label(),
@@ -82,7 +99,11 @@ pub async fn run(check: &Check, stage: StageKind, ctx: &CheckCtx) -> CheckResult
 type Verdict = Result<std::result::Result<String, String>>;
 
 async fn run_inner(c: &Check, stage: StageKind, ctx: &CheckCtx) -> Verdict {
-    let db = || c.database.clone().unwrap_or_else(|| ctx.cfg.postgres.database.clone());
+    let db = || {
+        c.database
+            .clone()
+            .unwrap_or_else(|| ctx.cfg.postgres.database.clone())
+    };
     match c.kind {
         CheckKind::Connect => {
             let ep = ctx.endpoint(stage)?;
@@ -92,7 +113,10 @@ async fn run_inner(c: &Check, stage: StageKind, ctx: &CheckCtx) -> Verdict {
                 .await
                 .map_err(|e| Error::pg("connect check", e))?
                 .get(0);
-            Ok(Ok(format!("connected to {} (PostgreSQL {v})", ep.describe())))
+            Ok(Ok(format!(
+                "connected to {} (PostgreSQL {v})",
+                ep.describe()
+            )))
         }
         CheckKind::Connections => {
             let client = ctx.endpoint(stage)?.connect(&db()).await?;
@@ -122,11 +146,21 @@ async fn run_inner(c: &Check, stage: StageKind, ctx: &CheckCtx) -> Verdict {
                 .await
                 .map_err(|e| Error::pg("reading pg_stat_activity", e))?;
             if rows.is_empty() {
-                return Ok(Ok(format!("no query running longer than {}", humantime::format_duration(max))));
+                return Ok(Ok(format!(
+                    "no query running longer than {}",
+                    humantime::format_duration(max)
+                )));
             }
             let list: Vec<String> = rows
                 .iter()
-                .map(|r| format!("pid {} for {:.0}s: {}", r.get::<_, i32>(0), r.get::<_, f64>(1), r.get::<_, String>(2)))
+                .map(|r| {
+                    format!(
+                        "pid {} for {:.0}s: {}",
+                        r.get::<_, i32>(0),
+                        r.get::<_, f64>(1),
+                        r.get::<_, String>(2)
+                    )
+                })
                 .collect();
             Ok(Err(format!(
                 "{} queries run longer than {}: {} (consider pg_terminate_backend if safe)",
@@ -179,7 +213,10 @@ async fn rls_enabled(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
         }
     }
     if off.is_empty() && missing.is_empty() {
-        return Ok(Ok(format!("row-level security is enabled on {} in {db}", c.tables.join(", "))));
+        return Ok(Ok(format!(
+            "row-level security is enabled on {} in {db}",
+            c.tables.join(", ")
+        )));
     }
     let mut parts = Vec::new();
     if !off.is_empty() {
@@ -189,7 +226,10 @@ async fn rls_enabled(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
         ));
     }
     if !missing.is_empty() {
-        parts.push(format!("table(s) {} do not exist in {db}", missing.join(", ")));
+        parts.push(format!(
+            "table(s) {} do not exist in {db}",
+            missing.join(", ")
+        ));
     }
     Ok(Err(parts.join("; ")))
 }
@@ -225,14 +265,20 @@ pub async fn rpo_exposure(ep: &Endpoint, db: &str, now: DateTime<Utc>) -> Result
     let archived_seg = Segment::parse(last_archived.get(..24).unwrap_or(""), seg_size as u64);
     let behind = match (current_seg, archived_seg) {
         (Some(c), Some(a)) => {
-            let need = if at_segment_start { c.segno.saturating_sub(1) } else { c.segno };
+            let need = if at_segment_start {
+                c.segno.saturating_sub(1)
+            } else {
+                c.segno
+            };
             // The segment being written is never archived yet: anything in it is exposed.
             a.segno < need || !at_segment_start
         }
         (Some(_), None) => true,
         _ => true,
     };
-    let to_time = |e: Option<f64>| e.and_then(|s| DateTime::<Utc>::from_timestamp(s as i64, ((s.fract()) * 1e9) as u32));
+    let to_time = |e: Option<f64>| {
+        e.and_then(|s| DateTime::<Utc>::from_timestamp(s as i64, ((s.fract()) * 1e9) as u32))
+    };
     let archived_at = to_time(last_archived_time);
     let exposure = if !behind {
         Duration::ZERO
@@ -268,7 +314,10 @@ pub struct ArchiverState {
 }
 
 mod humantime_serde_compat {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         if *d == std::time::Duration::MAX {
             s.serialize_none()
         } else {
@@ -307,10 +356,16 @@ async fn archiver(ctx: &CheckCtx, db: &str) -> Verdict {
     if st.exposure > rpo {
         problems.push(format!(
             "archive lag {} exceeds the RPO {} (last archived {} at {})",
-            if st.exposure == Duration::MAX { "unknown (nothing archived yet)".into() } else { format!("{:.0}s", st.exposure.as_secs_f64()) },
+            if st.exposure == Duration::MAX {
+                "unknown (nothing archived yet)".into()
+            } else {
+                format!("{:.0}s", st.exposure.as_secs_f64())
+            },
             humantime::format_duration(rpo),
             st.last_archived,
-            st.last_archived_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "never".into())
+            st.last_archived_at
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_else(|| "never".into())
         ));
     }
     if problems.is_empty() {
@@ -349,7 +404,9 @@ async fn backup_age(c: &Check, ctx: &CheckCtx) -> Verdict {
             .map(|t| match t.as_str() {
                 "logical" => Ok(BackupKind::Logical),
                 "physical" => Ok(BackupKind::Physical),
-                other => Err(Error::Config(format!("backup-age: unknown type {other:?} (logical, physical)"))),
+                other => Err(Error::Config(format!(
+                    "backup-age: unknown type {other:?} (logical, physical)"
+                ))),
             })
             .collect::<Result<_>>()?
     };
@@ -363,27 +420,42 @@ async fn backup_age(c: &Check, ctx: &CheckCtx) -> Verdict {
             None => problems.push(format!("no {k} backup")),
             Some(m) => {
                 let age = (ctx.now - m.finished_at).to_std().unwrap_or(Duration::ZERO);
-                let text = format!("newest {k} backup {} is {} old", m.id, humantime::format_duration(Duration::from_secs(age.as_secs())));
+                let text = format!(
+                    "newest {k} backup {} is {} old",
+                    m.id,
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                );
                 if age > max {
-                    problems.push(format!("{text} (limit {})", humantime::format_duration(max)));
+                    problems.push(format!(
+                        "{text} (limit {})",
+                        humantime::format_duration(max)
+                    ));
                 } else {
                     ok.push(text);
                 }
             }
         }
     }
-    Ok(if problems.is_empty() { Ok(ok.join("; ")) } else { Err(problems.join("; ")) })
+    Ok(if problems.is_empty() {
+        Ok(ok.join("; "))
+    } else {
+        Err(problems.join("; "))
+    })
 }
 
 async fn wal_continuity(ctx: &CheckCtx) -> Verdict {
     let newest = newest_backups(&ctx.repo).await?;
     let Some(m) = newest.iter().find(|m| m.kind == BackupKind::Physical) else {
-        return Ok(Err("no physical backup: there is no WAL chain to check".into()));
+        return Ok(Err(
+            "no physical backup: there is no WAL chain to check".into()
+        ));
     };
     let p = m.physical.as_ref().expect("physical");
     let archive = Archive::load(&ctx.repo, p.wal_segment_size).await?;
-    let start = Segment::parse(&p.start_wal, p.wal_segment_size).ok_or_else(|| Error::Corruption("bad start_wal".into()))?;
-    let stop = Segment::parse(&p.stop_wal, p.wal_segment_size).ok_or_else(|| Error::Corruption("bad stop_wal".into()))?;
+    let start = Segment::parse(&p.start_wal, p.wal_segment_size)
+        .ok_or_else(|| Error::Corruption("bad start_wal".into()))?;
+    let stop = Segment::parse(&p.stop_wal, p.wal_segment_size)
+        .ok_or_else(|| Error::Corruption("bad stop_wal".into()))?;
     let chain = archive.chain(start, Some(stop))?;
     if chain.ok() {
         Ok(Ok(format!(
@@ -396,7 +468,13 @@ async fn wal_continuity(ctx: &CheckCtx) -> Verdict {
         Ok(Err(format!(
             "WAL gap after backup {}: missing {}",
             m.id,
-            chain.gaps.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            chain
+                .gaps
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )))
     }
 }
@@ -409,11 +487,20 @@ async fn repository(ctx: &CheckCtx) -> Verdict {
     ));
     let body = format!("drctl repository probe {}", Utc::now().to_rfc3339());
     let st = ctx.repo.storage();
-    crate::storage::put_bytes(&**st, &key, bytes::Bytes::from(body.clone()), crate::storage::PutMode::Overwrite).await?;
+    crate::storage::put_bytes(
+        &**st,
+        &key,
+        bytes::Bytes::from(body.clone()),
+        crate::storage::PutMode::Overwrite,
+    )
+    .await?;
     let back = crate::storage::get_bytes(&**st, &key).await?;
     st.delete(&key).await?;
     if back != body.as_bytes() {
-        return Ok(Err(format!("{}: read back different bytes than written", st.describe())));
+        return Ok(Err(format!(
+            "{}: read back different bytes than written",
+            st.describe()
+        )));
     }
     Ok(Ok(format!("{} is reachable and writable", st.describe())))
 }
@@ -430,11 +517,22 @@ fn disk_free(c: &Check, ctx: &CheckCtx) -> Verdict {
     let mut problems = Vec::new();
     let mut ok = Vec::new();
     for p in paths {
-        let c_path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Error::Usage("bad path".into()))?;
+        // A path not created yet (a spool before its first use) lives on its nearest ancestor.
+        let p = p
+            .ancestors()
+            .find(|a| a.exists())
+            .map(|a| a.to_path_buf())
+            .unwrap_or(p);
+        let c_path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::Usage("bad path".into()))?;
         // SAFETY: statvfs writes into the zeroed struct we own.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::statvfs(c_path.as_ptr(), &mut s) } != 0 {
-            problems.push(format!("{}: {}", p.display(), std::io::Error::last_os_error()));
+            problems.push(format!(
+                "{}: {}",
+                p.display(),
+                std::io::Error::last_os_error()
+            ));
             continue;
         }
         let free = 100.0 * s.f_bavail as f64 / s.f_blocks.max(1) as f64;
@@ -445,14 +543,22 @@ fn disk_free(c: &Check, ctx: &CheckCtx) -> Verdict {
             ok.push(text);
         }
     }
-    Ok(if problems.is_empty() { Ok(ok.join("; ")) } else { Err(problems.join("; ")) })
+    Ok(if problems.is_empty() {
+        Ok(ok.join("; "))
+    } else {
+        Err(problems.join("; "))
+    })
 }
 
 /// Evaluates an expectation against text rows.
 pub fn judge(expect: &Expect, rows: &[Vec<Option<String>>]) -> std::result::Result<String, String> {
     let first = rows.first().and_then(|r| r.first()).cloned().flatten();
     if expect.no_rows {
-        return if rows.is_empty() { Ok("no rows, as expected".into()) } else { Err(format!("expected no rows, got {}", rows.len())) };
+        return if rows.is_empty() {
+            Ok("no rows, as expected".into())
+        } else {
+            Err(format!("expected no rows, got {}", rows.len()))
+        };
     }
     if let Some(n) = expect.rows
         && rows.len() as u64 != n
@@ -483,10 +589,19 @@ pub fn judge(expect: &Expect, rows: &[Vec<Option<String>>]) -> std::result::Resu
             _ => false,
         };
         if !matches {
-            return Err(format!("expected {eq}, got {}", first.unwrap_or_else(|| "NULL / no row".into())));
+            return Err(format!(
+                "expected {eq}, got {}",
+                first.unwrap_or_else(|| "NULL / no row".into())
+            ));
         }
     }
-    Ok(format!("{} row(s){}", rows.len(), first.map(|v| format!(", first value {v}")).unwrap_or_default()))
+    Ok(format!(
+        "{} row(s){}",
+        rows.len(),
+        first
+            .map(|v| format!(", first value {v}"))
+            .unwrap_or_default()
+    ))
 }
 
 async fn sql(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
@@ -499,18 +614,26 @@ async fn sql(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
     let rows: Vec<Vec<Option<String>>> = msgs
         .iter()
         .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
             _ => None,
         })
         .collect();
-    Ok(judge(c.expect.as_ref().unwrap_or(&Expect::default()), &rows).map_err(|e| format!("{q}: {e}")))
+    Ok(
+        judge(c.expect.as_ref().unwrap_or(&Expect::default()), &rows)
+            .map_err(|e| format!("{q}: {e}")),
+    )
 }
 
 async fn tenant_isolation(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
     let mut client = ep.connect(db).await?;
     let col = c.tenant_column.clone().unwrap_or_default();
     let setting = c.setting.clone().unwrap_or_default();
-    let tx = client.transaction().await.map_err(|e| Error::pg("begin", e))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| Error::pg("begin", e))?;
     // Tenants: as given, else every distinct value (read before dropping privileges).
     let mut tenants = c.tenants.clone();
     if tenants.is_empty() {
@@ -522,7 +645,11 @@ async fn tenant_isolation(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
                 pg::quote_ident(&n),
                 col = pg::quote_ident(&col)
             );
-            for r in tx.query(&q, &[]).await.map_err(|e| Error::pg(format!("reading tenants of {t}"), e))? {
+            for r in tx
+                .query(&q, &[])
+                .await
+                .map_err(|e| Error::pg(format!("reading tenants of {t}"), e))?
+            {
                 let v: String = r.get(0);
                 if !tenants.contains(&v) {
                     tenants.push(v);
@@ -532,7 +659,10 @@ async fn tenant_isolation(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
         tenants.truncate(20);
     }
     if tenants.is_empty() {
-        return Ok(Err(format!("no tenants found in {}: nothing to prove", c.tables.join(", "))));
+        return Ok(Err(format!(
+            "no tenants found in {}: nothing to prove",
+            c.tables.join(", ")
+        )));
     }
     // A role without BYPASSRLS, created inside this transaction and rolled back with it.
     let role = format!("drctl_tenant_probe_{}", std::process::id());
@@ -546,7 +676,9 @@ async fn tenant_isolation(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
         );
     }
     setup += &format!("SET LOCAL ROLE {role};");
-    tx.batch_execute(&setup).await.map_err(|e| Error::pg("preparing the probe role", e))?;
+    tx.batch_execute(&setup)
+        .await
+        .map_err(|e| Error::pg("preparing the probe role", e))?;
     let mut leaks = Vec::new();
     for tenant in &tenants {
         tx.execute("SELECT set_config($1, $2, true)", &[&setting, tenant])
@@ -566,7 +698,9 @@ async fn tenant_isolation(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
                 .map_err(|e| Error::pg(format!("probing {t} as tenant {tenant}"), e))?
                 .get(0);
             if other > 0 {
-                leaks.push(format!("tenant {tenant} sees {other} rows of other tenants in {t}"));
+                leaks.push(format!(
+                    "tenant {tenant} sees {other} rows of other tenants in {t}"
+                ));
             }
         }
     }
@@ -578,7 +712,10 @@ async fn tenant_isolation(c: &Check, ep: &Endpoint, db: &str) -> Verdict {
             c.tables.len()
         )))
     } else {
-        Ok(Err(format!("TENANT DATA LEAK: {}", leaks.into_iter().take(10).collect::<Vec<_>>().join("; "))))
+        Ok(Err(format!(
+            "TENANT DATA LEAK: {}",
+            leaks.into_iter().take(10).collect::<Vec<_>>().join("; ")
+        )))
     }
 }
 
@@ -592,12 +729,19 @@ async fn row_counts(_c: &Check, ctx: &CheckCtx, db: &str) -> Verdict {
             m.id, m.kind
         )));
     };
-    let target = ctx.target.as_ref().ok_or_else(|| Error::Usage("no restored target".into()))?;
+    let target = ctx
+        .target
+        .as_ref()
+        .ok_or_else(|| Error::Usage("no restored target".into()))?;
     let client = target.connect(db).await?;
     let mut bad = Vec::new();
     for (table, expected) in &entry.row_counts {
         let (s, n) = split_table(table);
-        let q = format!("SELECT count(*) FROM {}.{}", pg::quote_ident(&s), pg::quote_ident(&n));
+        let q = format!(
+            "SELECT count(*) FROM {}.{}",
+            pg::quote_ident(&s),
+            pg::quote_ident(&n)
+        );
         match client.query_one(&q, &[]).await {
             Ok(r) => {
                 let got: i64 = r.get(0);
@@ -609,7 +753,11 @@ async fn row_counts(_c: &Check, ctx: &CheckCtx, db: &str) -> Verdict {
         }
     }
     Ok(if bad.is_empty() {
-        Ok(format!("{} tables match the counts recorded in backup {}", entry.row_counts.len(), m.id))
+        Ok(format!(
+            "{} tables match the counts recorded in backup {}",
+            entry.row_counts.len(),
+            m.id
+        ))
     } else {
         Err(bad.join("; "))
     })
@@ -634,12 +782,23 @@ async fn amcheck(ep: &Endpoint, db: &str) -> Verdict {
     for r in &idx {
         let oid: u32 = r.get(0);
         let name: String = r.get(1);
-        if let Err(e) = client.execute("SELECT bt_index_check($1::oid::regclass, true)", &[&oid]).await {
-            bad.push(format!("{name}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())));
+        if let Err(e) = client
+            .execute("SELECT bt_index_check($1::oid::regclass, true)", &[&oid])
+            .await
+        {
+            bad.push(format!(
+                "{name}: {}",
+                e.as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or(e.to_string())
+            ));
         }
     }
     Ok(if bad.is_empty() {
-        Ok(format!("{} B-tree indexes verified (bt_index_check with heapallindexed)", idx.len()))
+        Ok(format!(
+            "{} B-tree indexes verified (bt_index_check with heapallindexed)",
+            idx.len()
+        ))
     } else {
         Err(format!("corrupt indexes: {}", bad.join("; ")))
     })
@@ -650,25 +809,38 @@ async fn http(c: &Check) -> Verdict {
     let want = c.status.unwrap_or(200);
     let got = http_get_status(&url).await?;
     let msg = format!("GET {url}: status {got}");
-    Ok(if got == want { Ok(msg) } else { Err(format!("{msg}, expected {want}")) })
+    Ok(if got == want {
+        Ok(msg)
+    } else {
+        Err(format!("{msg}, expected {want}"))
+    })
 }
 
 /// A plain HTTP/1.1 GET returning the status code (http:// only; for https use a `command`
 /// check with curl).
 pub async fn http_get_status(url: &str) -> Result<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| Error::Usage(format!("{url}: only http:// URLs are supported; use a `command` check with curl for https")))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        Error::Usage(format!(
+            "{url}: only http:// URLs are supported; use a `command` check with curl for https"
+        ))
+    })?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:80") };
-    let mut s = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&addr))
-        .await
-        .map_err(|_| Error::Failed(format!("{url}: connect timed out")))?
-        .map_err(|e| Error::io(format!("connect {addr}"), e))?;
+    let addr = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .map_err(|_| Error::Failed(format!("{url}: connect timed out")))?
+    .map_err(|e| Error::io(format!("connect {addr}"), e))?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nUser-Agent: drctl\r\n\r\n").as_bytes())
         .await
         .map_err(|e| Error::io("send request", e))?;
@@ -693,13 +865,29 @@ async fn command(c: &Check) -> Verdict {
         .await
         .map_err(|e| Error::io(format!("run {}", c.argv[0]), e))?;
     let code = out.status.code().unwrap_or(-1);
-    let tail = String::from_utf8_lossy(if out.stderr.is_empty() { &out.stdout } else { &out.stderr })
-        .lines()
-        .last()
-        .unwrap_or("")
-        .to_string();
-    let msg = format!("{} exited {code}{}", c.argv.join(" "), if tail.is_empty() { String::new() } else { format!(": {tail}") });
-    Ok(if code == want { Ok(msg) } else { Err(format!("{msg} (expected {want})")) })
+    let tail = String::from_utf8_lossy(if out.stderr.is_empty() {
+        &out.stdout
+    } else {
+        &out.stderr
+    })
+    .lines()
+    .last()
+    .unwrap_or("")
+    .to_string();
+    let msg = format!(
+        "{} exited {code}{}",
+        c.argv.join(" "),
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(": {tail}")
+        }
+    );
+    Ok(if code == want {
+        Ok(msg)
+    } else {
+        Err(format!("{msg} (expected {want})"))
+    })
 }
 
 #[cfg(test)]
@@ -707,26 +895,46 @@ mod tests {
     use super::*;
 
     fn rows(v: &[&[&str]]) -> Vec<Vec<Option<String>>> {
-        v.iter().map(|r| r.iter().map(|s| Some(s.to_string())).collect()).collect()
+        v.iter()
+            .map(|r| r.iter().map(|s| Some(s.to_string())).collect())
+            .collect()
     }
 
     #[test]
     fn expectations() {
-        let e = Expect { min: Some(1.0), ..Default::default() };
+        let e = Expect {
+            min: Some(1.0),
+            ..Default::default()
+        };
         assert!(judge(&e, &rows(&[&["5"]])).is_ok());
         assert!(judge(&e, &rows(&[&["0"]])).is_err());
         assert!(judge(&e, &rows(&[])).is_err());
-        let e = Expect { max: Some(3.0), ..Default::default() };
+        let e = Expect {
+            max: Some(3.0),
+            ..Default::default()
+        };
         assert!(judge(&e, &rows(&[&["4"]])).is_err());
-        let e = Expect { equals: Some(toml::Value::String("on".into())), ..Default::default() };
+        let e = Expect {
+            equals: Some(toml::Value::String("on".into())),
+            ..Default::default()
+        };
         assert!(judge(&e, &rows(&[&["on"]])).is_ok());
         assert!(judge(&e, &rows(&[&["off"]])).is_err());
-        let e = Expect { equals: Some(toml::Value::Integer(3)), ..Default::default() };
+        let e = Expect {
+            equals: Some(toml::Value::Integer(3)),
+            ..Default::default()
+        };
         assert!(judge(&e, &rows(&[&["3"]])).is_ok());
-        let e = Expect { no_rows: true, ..Default::default() };
+        let e = Expect {
+            no_rows: true,
+            ..Default::default()
+        };
         assert!(judge(&e, &rows(&[])).is_ok());
         assert!(judge(&e, &rows(&[&["x"]])).is_err());
-        let e = Expect { rows: Some(2), ..Default::default() };
+        let e = Expect {
+            rows: Some(2),
+            ..Default::default()
+        };
         assert!(judge(&e, &rows(&[&["a"], &["b"]])).is_ok());
         assert!(judge(&e, &rows(&[&["a"]])).is_err());
     }
