@@ -63,6 +63,12 @@ pub async fn drill(ctx: &Ctx, file: Option<&Path>, report_path: Option<&Path>) -
         Some(f) => Plan::load(f)?,
         None => Plan::parse(DEFAULT_DRILL_PLAN, Path::new("(built-in drill plan)"))?,
     };
+    drill_plan(ctx, &plan, report_path).await
+}
+
+/// Runs `plan` as a drill: scratch target, history record, optional report.
+pub async fn drill_plan(ctx: &Ctx, plan: &Plan, report_path: Option<&Path>) -> Result<Output> {
+    let plan = plan.clone();
     let repo = ctx.repo().await?;
     let opts = RunOptions {
         mode: Mode::All,

@@ -243,8 +243,8 @@ pub async fn rpo_exposure(ep: &Endpoint, db: &str, now: DateTime<Utc>) -> Result
             "SELECT coalesce(last_archived_wal, ''), extract(epoch FROM last_archived_time)::float8, \
              coalesce(last_failed_wal, ''), extract(epoch FROM last_failed_time)::float8, failed_count, \
              pg_walfile_name(pg_current_wal_lsn()), (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8, \
-             current_setting('archive_mode'), current_setting('archive_timeout')::int, \
-             current_setting('wal_segment_size')::text \
+             current_setting('archive_mode'), \
+             (SELECT setting::int FROM pg_settings WHERE name = 'archive_timeout') \
              FROM pg_stat_archiver",
             &[],
         )
