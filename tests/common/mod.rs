@@ -150,6 +150,8 @@ impl Env {
         );
         let config_path = dir.path().join("drctl.toml");
         std::fs::write(&config_path, text).unwrap();
+        // Created here, owned by the test owner, so that a root-run check cannot take it.
+        std::fs::create_dir_all(&repo_dir).unwrap();
         if let Some(u) = owner() {
             drctl::pg::cluster::chown_tree(dir.path(), &u).unwrap();
         }
