@@ -526,7 +526,7 @@ async fn restore_as_root_runs_postgres_as_owner() {
     // Run drctl itself as root (not through env.command, which drops to the owner).
     let dir = env.path("as-root");
     let port = drctl::pg::cluster::free_port();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_drctl"))
+    let out = std::process::Command::new(common::drctl_bin())
         .args([
             "--config",
             env.config_path.to_str().unwrap(),

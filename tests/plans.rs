@@ -104,7 +104,7 @@ async fn drill_end_to_end_records_rto_and_leaves_wal_alone() {
     assert_eq!(code(&out), 11, "{}", String::from_utf8_lossy(&out.stdout));
 
     let before = wal_objects(&env);
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("restore-plans/drill.toml");
+    let plan = common::shipped("restore-plans/drill.toml");
     let report = env.path("drill.html");
     let out = env.drctl(&[
         "drill",
@@ -291,14 +291,14 @@ name = "database-recovery"
 kind = "backup"
 "#,
     );
-    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/disaster-recovery.sh");
+    let wrapper = common::shipped("scripts/disaster-recovery.sh");
     let run = || {
         let mut cmd = match common::owner() {
             Some(u) => drctl::pg::cluster::command_as(&wrapper, Some(&u)),
             None => std::process::Command::new(&wrapper),
         };
         cmd.args(["--health-only", "--plan", &plan, "--json"])
-            .env("DRCTL", env!("CARGO_BIN_EXE_drctl"))
+            .env("DRCTL", common::drctl_bin())
             .env("DRCTL_CONFIG", &env.config_path)
             .env("HOME", env.dir.path())
             .current_dir(env.dir.path())
@@ -471,7 +471,7 @@ async fn logical_drill_checks_row_counts() {
     let (tc, env) = app_cluster(RepoKind::Fs).await;
     let _ = &tc;
     env.ok(&["backup", "--type", "logical", "--database", "app"]);
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("restore-plans/logical.toml");
+    let plan = common::shipped("restore-plans/logical.toml");
     let v = env.json(&["drill", "--plan", plan.to_str().unwrap()]);
     assert_eq!(v["ok"], true, "{v}");
     let checks = v["stages"][2]["checks"].as_array().unwrap();

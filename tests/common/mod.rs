@@ -13,6 +13,61 @@ use drctl::pg::{Binaries, Endpoint};
 
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// A directory every user can read, holding copies of what the cluster owner must run or read
+/// when the tests run as root from a checkout it cannot enter (CI clones anywhere).
+fn shared_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        use std::os::unix::fs::PermissionsExt;
+        // Keyed by the build, so that repeated runs reuse one copy instead of piling them up.
+        let stamp = std::fs::metadata(env!("CARGO_BIN_EXE_drctl"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let d = std::env::temp_dir().join(format!("drctl-test-shared-{stamp:x}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    })
+}
+
+/// A copy of a file of the checkout (or the drctl binary) readable and executable by anyone.
+pub fn shared_copy(src: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if owner().is_none() {
+        return src.to_path_buf();
+    }
+    let dest = shared_dir().join(src.file_name().unwrap());
+    // Shipped files may change without a rebuild: compare contents, not just presence.
+    if dest.exists()
+        && std::fs::read(&dest).ok() != std::fs::read(src).ok()
+        && src.extension().is_some()
+    {
+        let _ = std::fs::remove_file(&dest);
+    }
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    if !dest.exists() {
+        let tmp = dest.with_extension("tmp");
+        std::fs::copy(src, &tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&tmp, &dest).unwrap();
+    }
+    dest
+}
+
+/// The drctl binary, runnable by the cluster owner.
+pub fn drctl_bin() -> PathBuf {
+    shared_copy(Path::new(env!("CARGO_BIN_EXE_drctl")))
+}
+
+/// A shipped file of the checkout (plan, script), readable by the cluster owner.
+pub fn shipped(rel: &str) -> PathBuf {
+    shared_copy(&Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
+}
+
 pub fn bins() -> Binaries {
     let dir = std::env::var("DRCTL_TEST_PG_BIN").unwrap_or_else(|_| PG_BIN.to_string());
     Binaries::locate(Some(Path::new(&dir)))
@@ -179,8 +234,8 @@ impl Env {
 
     pub fn command(&self, args: &[&str]) -> std::process::Command {
         let mut cmd = match owner() {
-            Some(u) => drctl::pg::cluster::command_as(env!("CARGO_BIN_EXE_drctl"), Some(&u)),
-            None => std::process::Command::new(env!("CARGO_BIN_EXE_drctl")),
+            Some(u) => drctl::pg::cluster::command_as(drctl_bin(), Some(&u)),
+            None => std::process::Command::new(drctl_bin()),
         };
         cmd.arg("--config").arg(&self.config_path).args(args);
         cmd.env("HOME", self.dir.path())
@@ -240,7 +295,7 @@ impl Env {
     pub async fn enable_archiving(&self, ep: &Endpoint) {
         let cmd = format!(
             "{} --config {} wal push %p",
-            env!("CARGO_BIN_EXE_drctl"),
+            drctl_bin().display(),
             self.config_path.display()
         );
         sql(
