@@ -34,6 +34,32 @@ pub struct Config {
     pub backup: BackupConfig,
     #[serde(default)]
     pub objectives: Objectives,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: what `drctl expire` keeps. A type with neither a count nor an age is kept
+/// whole. The newest valid backup of each type is never deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Keep this many full physical backups...
+    #[serde(default)]
+    pub full_count: Option<u32>,
+    /// ...and/or those younger than this many days.
+    #[serde(default)]
+    pub full_days: Option<u32>,
+    #[serde(default)]
+    pub logical_count: Option<u32>,
+    #[serde(default)]
+    pub logical_days: Option<u32>,
+    /// Keep history records (drills, plan runs) this many days.
+    #[serde(default)]
+    pub history_days: Option<u32>,
+    /// Objects of a backup without a manifest are removed once older than this (an
+    /// interrupted backup's leftovers). Default 6h.
+    #[serde(default)]
+    pub leftover_grace: Option<String>,
 }
 
 /// `[objectives]`: the recovery objectives `status` judges (defaults: the runbook's database row).
@@ -188,6 +214,7 @@ impl Default for Config {
             wal: WalConfig::default(),
             backup: BackupConfig::default(),
             objectives: Objectives::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -541,6 +568,20 @@ impl Config {
                     format!("{v:?} is not a duration ({e}); use e.g. \"1m\", \"15m\", \"35days\""),
                 );
             }
+        }
+        if let Some(g) = &self.retention.leftover_grace
+            && humantime::parse_duration(g).is_err()
+        {
+            return bad(
+                "retention.leftover-grace",
+                format!("{g:?} is not a duration"),
+            );
+        }
+        if self.retention.full_count == Some(0) || self.retention.logical_count == Some(0) {
+            return bad(
+                "retention",
+                "a count of 0 would delete every backup; use at least 1".into(),
+            );
         }
         if r.max_attempts == 0 {
             return bad("repository.max-attempts", "must be at least 1".into());

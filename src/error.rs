@@ -76,6 +76,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Failed(String),
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl Error {
@@ -94,6 +96,7 @@ impl Error {
             Error::NotFound(_) => ExitCode::NotFound,
             Error::Conflict(_) => ExitCode::Conflict,
             Error::Io { .. } | Error::Failed(_) => ExitCode::Failure,
+            Error::Locked(_) => ExitCode::Locked,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod repo;
 pub mod report;
 pub mod restore;
+pub mod retention;
 pub mod storage;
 pub mod validate;
 pub mod verify;

@@ -79,6 +79,7 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
             command::plan::drill(&ctx, a.plan.as_deref(), a.report.as_deref()).await
         }
         Command::Status(a) => command::status::run(&ctx, a.prometheus).await,
+        Command::Expire(a) => command::expire::run(&ctx, a).await,
     }
 }
 

@@ -30,7 +30,12 @@ pub struct LogicalOptions {
 
 /// Takes a logical backup and commits its manifest. On failure no manifest is written and
 /// the objects already uploaded are removed.
-pub async fn run(cfg: &Config, repo: &Repo, opts: &LogicalOptions) -> Result<Manifest> {
+pub async fn run(
+    cfg: &Config,
+    repo: &Repo,
+    lock: &crate::repo::lock::RepoLock,
+    opts: &LogicalOptions,
+) -> Result<Manifest> {
     let ep = Endpoint::from_config(&cfg.postgres);
     let control = ep.connect(&cfg.postgres.database).await?;
     let info = pg::server_info(&control).await?;
@@ -50,7 +55,7 @@ pub async fn run(cfg: &Config, repo: &Repo, opts: &LogicalOptions) -> Result<Man
         match dump_one(cfg, repo, &ep, &bins, &id, i, db, opts).await {
             Ok(entry) => entries.push(entry),
             Err(e) => {
-                repo.discard_uncommitted(&id).await;
+                repo.discard_uncommitted(lock, &id).await;
                 return Err(e);
             }
         }
@@ -73,7 +78,7 @@ pub async fn run(cfg: &Config, repo: &Repo, opts: &LogicalOptions) -> Result<Man
         physical: None,
     };
     if let Err(e) = repo.commit_manifest(&manifest).await {
-        repo.discard_uncommitted(&id).await;
+        repo.discard_uncommitted(lock, &id).await;
         return Err(e);
     }
     tracing::info!(backup = %id, size = manifest.raw_size(), stored = manifest.stored_size(), "logical backup committed");

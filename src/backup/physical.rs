@@ -171,7 +171,12 @@ enum Work {
     Bundle(usize, Vec<(String, u64, i64, u32)>),
 }
 
-pub async fn run(cfg: &Config, repo: &Repo, jobs: Option<usize>) -> Result<Manifest> {
+pub async fn run(
+    cfg: &Config,
+    repo: &Repo,
+    lock: &crate::repo::lock::RepoLock,
+    jobs: Option<usize>,
+) -> Result<Manifest> {
     let data_dir = cfg.postgres.data_dir.clone().ok_or_else(|| {
         Error::Config("[postgres] data-dir is required for physical backups".into())
     })?;
@@ -264,7 +269,7 @@ pub async fn run(cfg: &Config, repo: &Repo, jobs: Option<usize>) -> Result<Manif
     }
     .await;
     if result.is_err() {
-        repo.discard_uncommitted(&id).await;
+        repo.discard_uncommitted(lock, &id).await;
     }
     let m = result?;
     tracing::info!(backup = %m.id, size = m.raw_size(), stored = m.stored_size(), "physical backup committed");

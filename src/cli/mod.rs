@@ -55,6 +55,18 @@ pub enum Command {
     Drill(DrillArgs),
     /// Do the recovery objectives (RPO, RTO) hold right now?
     Status(StatusArgs),
+    /// Delete what the [retention] policy no longer keeps (backups, WAL, leftovers, history).
+    Expire(ExpireArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExpireArgs {
+    /// List exactly what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long to wait for a backup holding the repository lock.
+    #[arg(long, default_value = "10m")]
+    pub lock_timeout: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +148,9 @@ pub struct BackupArgs {
     /// Physical: files copied in parallel (default: `[backup] jobs`, the number of cores).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// How long to wait for another backup or expire holding the repository lock.
+    #[arg(long, default_value = "10m")]
+    pub lock_timeout: String,
 }
 
 #[derive(Debug, Args)]

@@ -6,16 +6,40 @@ use super::{Ctx, Output};
 use crate::backup::logical::{self, LogicalOptions};
 use crate::cli::{BackupArgs, BackupType, human_bytes};
 use crate::error::Result;
+use crate::repo::lock::RepoLock;
 
 pub async fn run(ctx: &Ctx, args: &BackupArgs) -> Result<Output> {
     let repo = ctx.repo().await?;
+    let timeout = humantime::parse_duration(&args.lock_timeout).map_err(|e| {
+        crate::error::Error::Usage(format!("--lock-timeout {:?}: {e}", args.lock_timeout))
+    })?;
+    let what = format!(
+        "backup --type {}",
+        if args.kind == BackupType::Logical {
+            "logical"
+        } else {
+            "physical"
+        }
+    );
+    let lock = RepoLock::acquire(&repo, &what, timeout).await?;
+    let out = run_locked(ctx, args, &repo, &lock).await;
+    lock.release().await?;
+    out
+}
+
+async fn run_locked(
+    ctx: &Ctx,
+    args: &BackupArgs,
+    repo: &crate::repo::Repo,
+    lock: &RepoLock,
+) -> Result<Output> {
     match args.kind {
         BackupType::Logical => {
             let opts = LogicalOptions {
                 databases: args.databases.clone(),
                 skip_row_counts: args.no_row_counts,
             };
-            let m = logical::run(&ctx.config, &repo, &opts).await?;
+            let m = logical::run(&ctx.config, repo, lock, &opts).await?;
             let secs = (m.finished_at - m.started_at).num_milliseconds() as f64 / 1000.0;
             Ok(Output::ok(
                 json!({
@@ -43,7 +67,7 @@ pub async fn run(ctx: &Ctx, args: &BackupArgs) -> Result<Output> {
             })
         }
         BackupType::Physical => {
-            let m = crate::backup::physical::run(&ctx.config, &repo, args.jobs).await?;
+            let m = crate::backup::physical::run(&ctx.config, repo, lock, args.jobs).await?;
             let p = m.physical.as_ref().expect("physical manifest");
             let secs = (m.finished_at - m.started_at).num_milliseconds() as f64 / 1000.0;
             Ok(Output::ok(

@@ -198,6 +198,7 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
         databases: vec![],
         no_row_counts: false,
         jobs: None,
+        lock_timeout: "10m".into(),
     };
 
     say("drctl backup --type logical");

@@ -2,6 +2,7 @@
 
 pub mod backup;
 pub mod demo;
+pub mod expire;
 pub mod list;
 pub mod plan;
 pub mod restore;

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod history;
+pub mod lock;
 pub mod manifest;
 
 use bytes::Bytes;
@@ -190,7 +191,8 @@ impl Repo {
     }
 
     /// Deletes every object of a backup that was never committed (best effort, logged).
-    pub async fn discard_uncommitted(&self, id: &str) {
+    /// Destructive: only the holder of the repository lock may call it.
+    pub async fn discard_uncommitted(&self, _lock: &lock::RepoLock, id: &str) {
         match self.storage.list(&self.key(&Self::backup_prefix(id))).await {
             Ok(objs) => {
                 for o in objs {
