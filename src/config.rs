@@ -36,6 +36,9 @@ pub struct Config {
     pub objectives: Objectives,
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Jobs for `drctl agent`, the same `[[job]]` tables as `schedules/*.toml`.
+    #[serde(default, rename = "job", skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<crate::schedule::Job>,
 }
 
 /// `[retention]`: what `drctl expire` keeps. A type with neither a count nor an age is kept
@@ -215,6 +218,7 @@ impl Default for Config {
             backup: BackupConfig::default(),
             objectives: Objectives::default(),
             retention: RetentionConfig::default(),
+            jobs: Vec::new(),
         }
     }
 }

@@ -35,6 +35,8 @@ pub enum ExitCode {
     ObjectiveUnproven = 11,
     /// Another drctl process holds the repository lock.
     Locked = 12,
+    /// Stopped by a signal or a job timeout; what it had written was cleaned up.
+    Interrupted = 13,
     /// `wal fetch` could not deliver a segment that may exist (storage error after retries,
     /// checksum mismatch). Above 125, so PostgreSQL aborts recovery instead of promoting early.
     WalFetchFailed = 200,
@@ -78,6 +80,8 @@ pub enum Error {
     Failed(String),
     #[error("{0}")]
     Locked(String),
+    #[error("interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl Error {
@@ -97,6 +101,7 @@ impl Error {
             Error::Conflict(_) => ExitCode::Conflict,
             Error::Io { .. } | Error::Failed(_) => ExitCode::Failure,
             Error::Locked(_) => ExitCode::Locked,
+            Error::Interrupted(_) => ExitCode::Interrupted,
         }
     }
 

@@ -5,6 +5,7 @@
 //! (repository layout, manifests), `pipeline` (checksummed, compressed streaming), `storage`
 //! (fs and S3 drivers and their decorators), `pg` (PostgreSQL access and cluster control).
 
+pub mod agent;
 pub mod backup;
 pub mod cli;
 pub mod clock;
@@ -17,6 +18,7 @@ pub mod repo;
 pub mod report;
 pub mod restore;
 pub mod retention;
+pub mod schedule;
 pub mod storage;
 pub mod validate;
 pub mod verify;

@@ -2,11 +2,10 @@
 
 use clap::Parser;
 
-use drctl::cli::{Cli, Command, LogFormat, PlanCommand, WalCommand};
+use drctl::cli::{Cli, Command, LogFormat};
 use drctl::command::{self, Ctx, Output};
 use drctl::config::Config;
 use drctl::error::{Error, ExitCode};
-use drctl::restore::executor::Mode;
 
 fn init_tracing(verbose: u8, format: LogFormat) {
     let default = match verbose {
@@ -32,60 +31,30 @@ async fn dispatch(cli: &Cli) -> Result<Output, Error> {
         Command::Demo(_) => Config::default(),
         _ => Config::load(cli.config.as_deref())?,
     };
-    let ctx = Ctx {
+    let ctx = Ctx::new(
         config,
-        json: cli.json,
-        config_path: cli
-            .config
+        cli.json,
+        cli.config
             .as_ref()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
-    };
-    match &cli.command {
-        Command::Backup(a) => command::backup::run(&ctx, a).await,
-        Command::List => command::list::run(&ctx).await,
-        Command::Verify(a) => command::verify::run(&ctx, a.backup_id.as_deref()).await,
-        Command::Restore(a) => command::restore::run(&ctx, a).await,
-        Command::Demo(a) => command::demo::run(&ctx, a).await,
-        Command::Wal(WalCommand::Push { path }) => command::wal::push(&ctx, path).await,
-        Command::Wal(WalCommand::Fetch { name, dest }) => {
-            command::wal::fetch(&ctx, name, dest).await
-        }
-        Command::Wal(WalCommand::Prefetch { first }) => command::wal::prefetch(&ctx, first).await,
-        Command::Plan(PlanCommand::Run(a)) => {
-            let mode = if a.health_only {
-                Mode::HealthOnly
-            } else if a.backup_only {
-                Mode::BackupOnly
-            } else if a.test_only {
-                Mode::TestOnly
-            } else {
-                Mode::All
-            };
-            command::plan::run(&ctx, &a.file, mode).await
-        }
-        Command::Plan(PlanCommand::Check { file }) => {
-            let p = drctl::restore::plan::Plan::load(file)?;
-            Ok(command::Output::ok(
-                serde_json::json!({"ok": true, "plan": p.name, "stages": p.stages.len()}),
-                format!(
-                    "{}: plan {:?} is valid ({} stages)",
-                    file.display(),
-                    p.name,
-                    p.stages.len()
-                ),
-            ))
-        }
-        Command::Drill(a) => {
-            command::plan::drill(&ctx, a.plan.as_deref(), a.report.as_deref()).await
-        }
-        Command::Status(a) => command::status::run(&ctx, a.prometheus).await,
-        Command::Expire(a) => command::expire::run(&ctx, a).await,
+    );
+    // Commands that must stop cleanly (no manifest, objects removed) watch for SIGTERM and
+    // SIGINT; the rest keep the default: the signal ends the process.
+    if matches!(cli.command, Command::Backup(_) | Command::Agent(_)) {
+        command::agent::cancel_on_signals(ctx.cancel.clone());
     }
+    command::dispatch(&ctx, &cli.command).await
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing(cli.verbose, cli.log_format);
+    // The agent is a service: its job log is the point, so it logs at info by default.
+    let verbose = if matches!(cli.command, Command::Agent(_)) {
+        cli.verbose.max(1)
+    } else {
+        cli.verbose
+    };
+    init_tracing(verbose, cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

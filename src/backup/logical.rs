@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 
 use chrono::Utc;
 use tokio::io::AsyncReadExt;
@@ -35,6 +36,7 @@ pub async fn run(
     repo: &Repo,
     lock: &crate::repo::lock::RepoLock,
     opts: &LogicalOptions,
+    cancel: &CancellationToken,
 ) -> Result<Manifest> {
     let ep = Endpoint::from_config(&cfg.postgres);
     let control = ep.connect(&cfg.postgres.database).await?;
@@ -52,7 +54,11 @@ pub async fn run(
 
     let mut entries = Vec::new();
     for (i, db) in databases.iter().enumerate() {
-        match dump_one(cfg, repo, &ep, &bins, &id, i, db, opts).await {
+        let dumped = tokio::select! {
+            r = dump_one(cfg, repo, &ep, &bins, &id, i, db, opts) => r,
+            _ = cancel.cancelled() => Err(crate::backup::physical::interrupted(&id)),
+        };
+        match dumped {
             Ok(entry) => entries.push(entry),
             Err(e) => {
                 repo.discard_uncommitted(lock, &id).await;
@@ -77,6 +83,10 @@ pub async fn run(
         databases: entries,
         physical: None,
     };
+    if cancel.is_cancelled() {
+        repo.discard_uncommitted(lock, &id).await;
+        return Err(crate::backup::physical::interrupted(&id));
+    }
     if let Err(e) = repo.commit_manifest(&manifest).await {
         repo.discard_uncommitted(lock, &id).await;
         return Err(e);

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -176,6 +177,7 @@ pub async fn run(
     repo: &Repo,
     lock: &crate::repo::lock::RepoLock,
     jobs: Option<usize>,
+    cancel: &CancellationToken,
 ) -> Result<Manifest> {
     let data_dir = cfg.postgres.data_dir.clone().ok_or_else(|| {
         Error::Config("[postgres] data-dir is required for physical backups".into())
@@ -216,11 +218,16 @@ pub async fn run(
     let start_lsn = Lsn::parse(&start_lsn)?;
 
     // 3. Copy the files; on any failure stop the backup and remove what was written.
-    let copied = copy_files(cfg, repo, &data_dir, &id, jobs.unwrap_or(cfg.backup.jobs)).await;
+    let copied = tokio::select! {
+        r = copy_files(cfg, repo, &data_dir, &id, jobs.unwrap_or(cfg.backup.jobs)) => r,
+        _ = cancel.cancelled() => Err(interrupted(&id)),
+    };
+    // An abandoned backup need not wait for its stop segment to be archived.
+    let wait_archive = copied.is_ok();
     let stop = conn
         .query_one(
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)",
-            &[],
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop($1)",
+            &[&wait_archive],
         )
         .await
         .map_err(|e| Error::pg("pg_backup_stop", e));
@@ -235,7 +242,10 @@ pub async fn run(
         let stop_seg = Segment::from_lsn(timeline, Lsn(stop_lsn.0.saturating_sub(1)), seg_size);
 
         // 4. The backup is only restorable once its last segment is in the repository.
-        wait_for_archive(repo, stop_seg, seg_size, cfg.backup.archive_timeout).await?;
+        tokio::select! {
+            r = wait_for_archive(repo, stop_seg, seg_size, cfg.backup.archive_timeout) => r?,
+            _ = cancel.cancelled() => return Err(interrupted(&id)),
+        }
 
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
@@ -264,6 +274,10 @@ pub async fn run(
                 files,
             }),
         };
+        // The last moment to stop: once the manifest is being written it is finished whole.
+        if cancel.is_cancelled() {
+            return Err(interrupted(&id));
+        }
         repo.commit_manifest(&manifest).await?;
         Ok(manifest)
     }
@@ -320,6 +334,13 @@ fn parse_label_timeline(label: &str) -> Result<u32> {
         .find_map(|l| l.strip_prefix("START TIMELINE:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| Error::Failed(format!("backup_label has no START TIMELINE: {label}")))
+}
+
+/// The error of a backup stopped by a signal or a job timeout.
+pub(crate) fn interrupted(id: &str) -> Error {
+    Error::Interrupted(format!(
+        "backup {id} was stopped before it finished; nothing of it is kept"
+    ))
 }
 
 async fn wait_for_archive(

@@ -57,6 +57,24 @@ pub enum Command {
     Status(StatusArgs),
     /// Delete what the [retention] policy no longer keeps (backups, WAL, leftovers, history).
     Expire(ExpireArgs),
+    /// Run the scheduled jobs ([[job]] in the config and schedules/*.toml) until stopped.
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// A directory of schedule files (*.toml, each a list of [[job]]), added to the config's.
+    #[arg(long)]
+    pub schedules: Option<PathBuf>,
+    /// Serve /metrics (Prometheus) and /health on this address, e.g. 127.0.0.1:9187.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// On SIGTERM/SIGINT, how long a running job may go on before it is aborted (cleanly).
+    #[arg(long, default_value = "5m")]
+    pub stop_timeout: String,
+    /// Load and check the schedules, print when each job runs next, and exit.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]

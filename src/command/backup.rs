@@ -21,7 +21,14 @@ pub async fn run(ctx: &Ctx, args: &BackupArgs) -> Result<Output> {
             "physical"
         }
     );
-    let lock = RepoLock::acquire(&repo, &what, timeout).await?;
+    let lock = tokio::select! {
+        l = RepoLock::acquire(&repo, &what, timeout) => l?,
+        _ = ctx.cancel.cancelled() => {
+            return Err(crate::error::Error::Interrupted(
+                "stopped while waiting for the repository lock; nothing was written".into(),
+            ));
+        }
+    };
     let out = run_locked(ctx, args, &repo, &lock).await;
     lock.release().await?;
     out
@@ -39,7 +46,7 @@ async fn run_locked(
                 databases: args.databases.clone(),
                 skip_row_counts: args.no_row_counts,
             };
-            let m = logical::run(&ctx.config, repo, lock, &opts).await?;
+            let m = logical::run(&ctx.config, repo, lock, &opts, &ctx.cancel).await?;
             let secs = (m.finished_at - m.started_at).num_milliseconds() as f64 / 1000.0;
             Ok(Output::ok(
                 json!({
@@ -67,7 +74,8 @@ async fn run_locked(
             })
         }
         BackupType::Physical => {
-            let m = crate::backup::physical::run(&ctx.config, repo, lock, args.jobs).await?;
+            let m = crate::backup::physical::run(&ctx.config, repo, lock, args.jobs, &ctx.cancel)
+                .await?;
             let p = m.physical.as_ref().expect("physical manifest");
             let secs = (m.finished_at - m.started_at).num_milliseconds() as f64 / 1000.0;
             Ok(Output::ok(

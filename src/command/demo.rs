@@ -189,6 +189,7 @@ pub async fn run(_ctx: &Ctx, args: &DemoArgs) -> Result<Output> {
     );
 
     let ctx = Ctx {
+        cancel: Default::default(),
         config,
         json: false,
         config_path: Some(config_path.clone()),

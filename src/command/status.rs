@@ -41,6 +41,10 @@ pub struct Status {
     pub last_drill_age_seconds: Option<f64>,
     pub rto: Verdict,
     pub backups: Vec<serde_json::Value>,
+    /// Verify runs that found a problem, among those the history keeps.
+    pub verify_failures: u64,
+    pub last_verify_at: Option<DateTime<Utc>>,
+    pub last_verify_ok: Option<bool>,
     pub notes: Vec<String>,
 }
 
@@ -134,6 +138,15 @@ pub async fn compute(ctx: &Ctx) -> Result<Status> {
             })
         })
         .collect();
+    let verifies: Vec<super::verify::VerifyRecord> = history::load(&repo, "verify", 10_000).await?;
+    let verify_failures = verifies.iter().filter(|v| !v.ok).count() as u64;
+    if let Some(v) = verifies.first().filter(|v| !v.ok) {
+        notes.push(format!(
+            "the last verify ({}) found {} problem(s): run `drctl verify` and read what it names",
+            v.at.to_rfc3339(),
+            v.problems
+        ));
+    }
     Ok(Status {
         now,
         rpo_target_seconds: rpo_target.as_secs_f64(),
@@ -146,6 +159,9 @@ pub async fn compute(ctx: &Ctx) -> Result<Status> {
         last_drill_age_seconds: age,
         rto,
         backups,
+        verify_failures,
+        last_verify_at: verifies.first().map(|v| v.at),
+        last_verify_ok: verifies.first().map(|v| v.ok),
         notes,
     })
 }
@@ -311,6 +327,21 @@ pub fn prometheus_text(st: &Status) -> String {
         dur.push((l.clone(), bk["duration_seconds"].as_f64().unwrap_or(0.0)));
         size.push((l, bk["size"].as_u64().unwrap_or(0) as f64));
     }
+    o += "# HELP drctl_verify_failures_total Verify runs that found corrupt, missing or truncated objects (kept history).\n# TYPE drctl_verify_failures_total counter\n";
+    o += &format!("drctl_verify_failures_total {}\n", st.verify_failures);
+    if let Some(t) = st.last_verify_at {
+        o += "# HELP drctl_verify_last_run_timestamp_seconds When verify last ran.\n# TYPE drctl_verify_last_run_timestamp_seconds gauge\n";
+        o += &format!(
+            "drctl_verify_last_run_timestamp_seconds {}\n",
+            t.timestamp()
+        );
+    }
+    let mut g = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+        o += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n");
+        for (labels, v) in samples {
+            o += &format!("{name}{labels} {v}\n");
+        }
+    };
     g(
         "drctl_backup_last_success_timestamp_seconds",
         "When the newest backup of each type finished.",

@@ -5,6 +5,16 @@ use crate::cli::{human_bytes, table};
 use crate::error::{ExitCode, Result};
 use crate::verify;
 
+/// One verify run, as kept in `history/verify/`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VerifyRecord {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub ok: bool,
+    pub backup: Option<String>,
+    pub backups: usize,
+    pub problems: usize,
+}
+
 pub async fn run(ctx: &Ctx, backup: Option<&str>) -> Result<Output> {
     let repo = ctx.repo().await?;
     let report = verify::verify(&repo, backup).await?;
@@ -48,6 +58,18 @@ pub async fn run(ctx: &Ctx, backup: Option<&str>) -> Result<Output> {
         ));
     }
     let ok = report.ok();
+    // The record feeds `drctl status` and drctl_verify_failures_total; losing it must not
+    // hide the verdict, so a failure to write it is only a warning.
+    let rec = VerifyRecord {
+        at: crate::clock::now(),
+        ok,
+        backup: backup.map(str::to_string),
+        backups: report.backups.len(),
+        problems: report.problems.len(),
+    };
+    if let Err(e) = crate::repo::history::record(&repo, "verify", rec.at, "verify", &rec).await {
+        tracing::warn!(error = %e, "could not record the verify run in the history");
+    }
     Ok(Output {
         json: serde_json::json!({ "ok": ok, "backups": report.backups, "problems": report.problems }),
         human: lines.join("\n"),

@@ -18,6 +18,9 @@ const TMP_PREFIX: &str = ".tmp-";
 #[derive(Debug, Clone)]
 pub struct FsStorage {
     root: PathBuf,
+    /// When drctl runs as root in a repository another user owns, what it creates is given to
+    /// that owner, so a root run never leaves files the usual user (postgres) cannot replace.
+    owner: Option<(u32, u32)>,
 }
 
 impl FsStorage {
@@ -29,7 +32,45 @@ impl FsStorage {
             key: root.display().to_string(),
             source: e,
         })?;
-        Ok(FsStorage { root })
+        let owner = std::fs::metadata(&root).ok().and_then(|m| {
+            use std::os::unix::fs::MetadataExt;
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            (euid == 0 && m.uid() != 0).then_some((m.uid(), m.gid()))
+        });
+        Ok(FsStorage { root, owner })
+    }
+
+    /// Gives `path` to the repository's owner (no-op unless running as root, see `owner`).
+    fn adopt(&self, path: &Path) -> std::io::Result<()> {
+        match self.owner {
+            Some((uid, gid)) => std::os::unix::fs::chown(path, Some(uid), Some(gid)),
+            None => Ok(()),
+        }
+    }
+
+    /// `mkdir -p dir`, with each directory it creates given to the repository's owner.
+    async fn make_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        if self.owner.is_none() {
+            return tokio::fs::create_dir_all(dir).await;
+        }
+        let mut missing = Vec::new();
+        let mut d = dir;
+        while !tokio::fs::try_exists(d).await.unwrap_or(false) {
+            missing.push(d.to_path_buf());
+            match d.parent() {
+                Some(p) if p.starts_with(&self.root) => d = p,
+                _ => break,
+            }
+        }
+        for m in missing.iter().rev() {
+            match tokio::fs::create_dir(m).await {
+                Ok(()) => self.adopt(m)?,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -79,7 +120,7 @@ impl Storage for FsStorage {
     async fn put(&self, key: &str, mut body: BoxRead, mode: PutMode) -> StorageResult<u64> {
         let dest = self.path(key)?;
         let dir = dest.parent().expect("key has a parent").to_path_buf();
-        tokio::fs::create_dir_all(&dir)
+        self.make_dirs(&dir)
             .await
             .map_err(|e| io_err("mkdir", key, e))?;
         if mode == PutMode::IfAbsent && tokio::fs::try_exists(&dest).await.unwrap_or(false) {
@@ -96,6 +137,7 @@ impl Storage for FsStorage {
         let mut file = tokio::fs::File::create(&tmp)
             .await
             .map_err(|e| io_err("create", key, e))?;
+        self.adopt(&tmp).map_err(|e| io_err("chown", key, e))?;
         let mut buf = vec![0u8; 1 << 20];
         let mut written = 0u64;
         loop {
