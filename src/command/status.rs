@@ -268,18 +268,23 @@ pub fn prometheus_text(st: &Status) -> String {
             o += &format!("{name}{labels} {v}\n");
         }
     };
-    if let Some(r) = st.rpo_seconds {
-        g(
-            "drctl_rpo_seconds",
-            "Age of the oldest change not yet archived (upper bound).",
-            vec![(String::new(), r)],
-        );
-        g(
-            "drctl_wal_archive_lag_seconds",
-            "WAL archive lag.",
-            vec![(String::new(), r)],
-        );
-    }
+    // Families are always announced; a sample appears only when its value is known (no
+    // drill yet, server unreachable), so alerts can tell "absent" from "zero".
+    let known = |v: Option<f64>| {
+        v.map(|x| (String::new(), x))
+            .into_iter()
+            .collect::<Vec<_>>()
+    };
+    g(
+        "drctl_rpo_seconds",
+        "Age of the oldest change not yet archived (upper bound).",
+        known(st.rpo_seconds),
+    );
+    g(
+        "drctl_wal_archive_lag_seconds",
+        "WAL archive lag.",
+        known(st.rpo_seconds),
+    );
     g(
         "drctl_rpo_target_seconds",
         "RPO objective.",
@@ -290,20 +295,16 @@ pub fn prometheus_text(st: &Status) -> String {
         "RTO objective.",
         vec![(String::new(), st.rto_target_seconds)],
     );
-    if let Some(r) = st.rto_seconds {
-        g(
-            "drctl_rto_last_drill_seconds",
-            "RTO measured by the last successful drill.",
-            vec![(String::new(), r)],
-        );
-    }
-    if let Some(t) = st.last_drill_at {
-        g(
-            "drctl_drill_last_success_timestamp_seconds",
-            "When the last successful drill finished.",
-            vec![(String::new(), t.timestamp() as f64)],
-        );
-    }
+    g(
+        "drctl_rto_last_drill_seconds",
+        "RTO measured by the last successful drill.",
+        known(st.rto_seconds),
+    );
+    g(
+        "drctl_drill_last_success_timestamp_seconds",
+        "When the last successful drill finished.",
+        known(st.last_drill_at.map(|t| t.timestamp() as f64)),
+    );
     let b = |x: Verdict| if x == Verdict::Met { 0.0 } else { 1.0 };
     g(
         "drctl_objective_violated",

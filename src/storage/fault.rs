@@ -4,7 +4,8 @@
 //!
 //! `DRCTL_FAULT` is a comma-separated list of `op:substring` rules; an operation (`get`, `put`,
 //! `head`, `list`, `delete`) whose key contains the substring fails with an injected,
-//! retryable error. `op:*` matches every key.
+//! retryable error. `op:*` matches every key. `delay-put:substring` does not fail: it holds a
+//! matching put for two seconds first, which makes a backup slow enough to interrupt.
 
 use async_trait::async_trait;
 
@@ -30,7 +31,7 @@ impl Fault {
 
     fn check(&self, op: &str, key: &str) -> StorageResult<()> {
         for (o, pat) in &self.rules {
-            if o == op && (pat == "*" || key.contains(pat.as_str())) {
+            if o == op && matches(pat, key) {
                 return Err(StorageError::Injected(format!("{op} {key}")));
             }
         }
@@ -38,10 +39,21 @@ impl Fault {
     }
 }
 
+fn matches(pat: &str, key: &str) -> bool {
+    pat == "*" || key.contains(pat)
+}
+
 #[async_trait]
 impl Storage for Fault {
     async fn put(&self, key: &str, body: BoxRead, mode: PutMode) -> StorageResult<u64> {
         self.check("put", key)?;
+        if self
+            .rules
+            .iter()
+            .any(|(o, pat)| o == "delay-put" && matches(pat, key))
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
         self.inner.put(key, body, mode).await
     }
     async fn get(&self, key: &str) -> StorageResult<BoxRead> {
