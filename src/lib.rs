@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod pg;
 pub mod pipeline;
+pub mod progress;
 pub mod repo;
 pub mod report;
 pub mod restore;

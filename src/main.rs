@@ -18,7 +18,7 @@ fn init_tracing(verbose: u8, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("drctl={default},warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(drctl::progress::LogWriter);
     match format {
         LogFormat::Text => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),
@@ -54,6 +54,13 @@ fn main() {
     } else {
         cli.verbose
     };
+    // Progress bars only for a person at a terminal: never under --json, never in the agent
+    // (its jobs run side by side, and it is a service).
+    drctl::progress::enable(
+        std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && !cli.json
+            && !matches!(cli.command, Command::Agent(_)),
+    );
     init_tracing(verbose, cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::repo::Manifest;
 use crate::repo::Repo;
 use crate::wal::continuity::Archive;
@@ -101,6 +102,13 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
         }
         None => repo.catalog().await?,
     };
+    let total = entries
+        .iter()
+        .filter_map(|e| e.manifest.as_ref().ok())
+        .flat_map(|m| m.objects())
+        .map(|o| o.raw_size)
+        .sum();
+    let progress = Progress::bytes("verify", Some(total));
     let mut archive: Option<Archive> = None;
     for entry in entries {
         let manifest = match entry.manifest {
@@ -155,7 +163,9 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
                         format!("stored size {} > recorded {}", meta.size, obj.stored_size),
                     ),
                     Ok(Some(_)) => {
-                        if let Err(msg) = pipeline::check(&**repo.storage(), &key, obj).await {
+                        if let Err(msg) =
+                            pipeline::check(&**repo.storage(), &key, obj, &progress).await
+                        {
                             push(classify(&msg), msg);
                         }
                     }
@@ -173,6 +183,7 @@ pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
                         if let Err(msg) = pipeline::unpack_member(&bundle, rel, m).await {
                             push(classify(&msg), msg);
                         }
+                        progress.inc(m.raw_size);
                     }
                 }
             }

@@ -437,3 +437,52 @@ async fn s3_wrong_credentials_and_missing_bucket() {
     assert_eq!(code(&out), 5, "{}", stderr(&out));
     assert!(stderr(&out).contains("missing-"), "{}", stderr(&out));
 }
+
+/// Progress is for a person at a terminal: a backup on a pseudo-terminal (script(1)) draws a
+/// bar with bytes, rate and ETA; off a terminal, and under --json, stderr carries none.
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_bar_on_a_terminal_only() {
+    let tc = app_cluster(500).await;
+    let env = Env::new(&tc.cluster.endpoint(), RepoKind::Fs);
+
+    let out = env.drctl(&["backup", "--type", "logical"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!stderr(&out).contains("ETA"), "{}", stderr(&out));
+
+    // Each object put is held 2 s, so the bar is drawn a few times before the backup ends.
+    let line = format!(
+        "{} --config {} backup --type logical",
+        common::drctl_bin().display(),
+        env.config_path.display()
+    );
+    let run_on_pty = |extra: &str| {
+        let mut cmd = drctl::pg::cluster::command_as("script", common::owner().as_ref());
+        cmd.args(["-q", "-e", "-c", &format!("{line}{extra}"), "/dev/null"])
+            .env("HOME", env.dir.path())
+            .env("DRCTL_FAULT", "delay-put:/backups/")
+            .env("TERM", "xterm")
+            .current_dir(env.dir.path())
+            .stdin(std::process::Stdio::null());
+        cmd.output().expect("script(1) from util-linux")
+    };
+    let out = run_on_pty("");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), 0, "{tty}");
+    assert!(
+        tty.contains("ETA") && tty.contains("(size estimated)"),
+        "{tty}"
+    );
+    // The bar is cleared at the end: the last thing printed is the result line.
+    // The bar is cleared at the end: after the last line erase comes only the new id.
+    let tail = tty.rsplit("\x1b[2K").next().unwrap().replace("\x1b[1A", "");
+    assert!(
+        tail.trim().ends_with("-L") && !tail.contains("ETA"),
+        "{tty:?}"
+    );
+
+    let out = run_on_pty(" --json");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code(&out), 0, "{tty}");
+    assert!(!tty.contains("ETA"), "--json draws no bar: {tty}");
+    assert_eq!(env.json(&["list"]).as_array().unwrap().len(), 3);
+}

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pg::{self, Binaries, Endpoint};
 use crate::pipeline::{self, PipelineError};
+use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::repo::manifest::{BackupKind, LogicalDatabase, MANIFEST_FORMAT, Manifest};
 use crate::storage::PutMode;
@@ -51,11 +52,15 @@ pub async fn run(
     let started_at = Utc::now();
     let id = repo.new_backup_id(BackupKind::Logical, started_at).await?;
     tracing::info!(backup = %id, databases = ?databases, "logical backup started");
+    let progress = Progress::bytes(
+        &format!("backup {id} (size estimated)"),
+        estimated_size(&control, &databases).await,
+    );
 
     let mut entries = Vec::new();
     for (i, db) in databases.iter().enumerate() {
         let dumped = tokio::select! {
-            r = dump_one(cfg, repo, &ep, &bins, &id, i, db, opts) => r,
+            r = dump_one(cfg, repo, &ep, &bins, &id, i, db, opts, &progress) => r,
             _ = cancel.cancelled() => Err(crate::backup::physical::interrupted(&id)),
         };
         match dumped {
@@ -93,6 +98,21 @@ pub async fn run(
     }
     tracing::info!(backup = %id, size = manifest.raw_size(), stored = manifest.stored_size(), "logical backup committed");
     Ok(manifest)
+}
+
+/// What the dumps will weigh, ahead of them: each database's size on disk beyond an empty
+/// one's (template0: the catalogs a dump barely touches). A dump leaves out indexes and free
+/// space, so this errs high; only the progress bar uses it.
+async fn estimated_size(control: &Client, databases: &[String]) -> Option<u64> {
+    let row = control
+        .query_one(
+            "SELECT sum(greatest(pg_database_size(datname) - pg_database_size('template0'), 0))::bigint \
+             FROM pg_database WHERE datname = ANY($1)",
+            &[&databases],
+        )
+        .await
+        .ok()?;
+    row.get::<_, Option<i64>>(0).map(|n| n.max(0) as u64)
 }
 
 async fn choose_databases(control: &Client, wanted: &[String]) -> Result<Vec<String>> {
@@ -144,6 +164,7 @@ async fn dump_one(
     index: usize,
     db: &str,
     opts: &LogicalOptions,
+    progress: &Progress,
 ) -> Result<LogicalDatabase> {
     // 1. Open a repeatable-read transaction and export its snapshot; pg_dump joins it.
     let conn = Arc::new(ep.connect(db).await?);
@@ -203,7 +224,7 @@ async fn dump_one(
         &*storage,
         &key,
         &rel,
-        stdout,
+        progress.reader(stdout),
         &compression,
         PutMode::IfAbsent,
     );

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pg::{self, Endpoint};
 use crate::pipeline::{self, ObjectRecord, PipelineError};
+use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::repo::manifest::{BackupKind, MANIFEST_FORMAT, Manifest};
 use crate::storage::{self, PutMode};
@@ -379,6 +380,10 @@ async fn copy_files(
     let walked = tokio::task::spawn_blocking(move || walk(&root))
         .await
         .map_err(|e| Error::Failed(e.to_string()))??;
+    let progress = Progress::bytes(
+        &format!("backup {id}"),
+        Some(walked.files.iter().map(|f| f.1).sum()),
+    );
     let limit = cfg.backup.bundle_limit_kib * 1024;
     let bundle_size = cfg.backup.bundle_size_mib * 1024 * 1024;
     let mut work = Vec::new();
@@ -416,13 +421,16 @@ async fn copy_files(
         let cfg = cfg.compression;
         let data_dir = data_dir.to_path_buf();
         let id = id.to_string();
+        let progress = progress.clone();
         set.spawn(async move {
             let _permit = permit;
             match w {
-                Work::Large(f) => copy_large(&repo, &data_dir, &id, f, &cfg)
+                Work::Large(f) => copy_large(&repo, &data_dir, &id, f, &cfg, &progress)
                     .await
                     .map(|e| e.into_iter().collect()),
-                Work::Bundle(n, files) => copy_bundle(&repo, &data_dir, &id, n, files, &cfg).await,
+                Work::Bundle(n, files) => {
+                    copy_bundle(&repo, &data_dir, &id, n, files, &cfg, &progress).await
+                }
             }
         });
         // Collect finished tasks as we go so an early failure stops the backup early.
@@ -447,6 +455,7 @@ async fn copy_large(
     id: &str,
     (path, _size, mtime, mode): (String, u64, i64, u32),
     cfg: &crate::config::CompressionConfig,
+    progress: &Progress,
 ) -> Result<Option<FileEntry>> {
     let file = match tokio::fs::File::open(data_dir.join(&path)).await {
         Ok(f) => f,
@@ -458,7 +467,7 @@ async fn copy_large(
         &**repo.storage(),
         &repo.key(&rel),
         &rel,
-        file,
+        progress.reader(file),
         cfg,
         PutMode::Overwrite,
     )
@@ -482,6 +491,7 @@ async fn copy_bundle(
     n: usize,
     files: Vec<(String, u64, i64, u32)>,
     cfg: &crate::config::CompressionConfig,
+    progress: &Progress,
 ) -> Result<Vec<FileEntry>> {
     let rel = object_key(id, &format!("bundle/{n:05}"));
     let mut buf: Vec<u8> = Vec::new();
@@ -492,6 +502,7 @@ async fn copy_bundle(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(format!("read {path}"), e)),
         };
+        progress.inc(raw.len() as u64);
         let stored = pipeline::compress_bytes(&raw, cfg)
             .await
             .map_err(|e| Error::io(format!("compress {path}"), e))?;

@@ -318,12 +318,19 @@ pub async fn open_verified(
     )))
 }
 
-/// Reads a whole verified object to the end, discarding the bytes. Returns the first
-/// verification or storage error.
-pub async fn check(storage: &dyn Storage, key: &str, record: &ObjectRecord) -> Result<(), String> {
-    let mut r = open_verified(storage, key, record)
-        .await
-        .map_err(|e| e.to_string())?;
+/// Reads a whole verified object to the end, discarding the bytes and counting them on
+/// `progress`. Returns the first verification or storage error.
+pub async fn check(
+    storage: &dyn Storage,
+    key: &str,
+    record: &ObjectRecord,
+    progress: &crate::progress::Progress,
+) -> Result<(), String> {
+    let mut r = progress.reader(
+        open_verified(storage, key, record)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     let mut sink = tokio::io::sink();
     tokio::io::copy_buf(&mut BufReader::with_capacity(BUF, &mut r), &mut sink)
         .await
@@ -466,11 +473,14 @@ mod tests {
         let mid = bad.len() / 2;
         bad[mid] ^= 0x01;
         std::fs::write(&path, &bad).unwrap();
-        let err = check(&st, "o", &rec).await.unwrap_err();
-        assert!(err.contains("mismatch") || err.contains("o"), "{err}");
+        let none = crate::progress::Progress::bytes("test", None);
+        let err = check(&st, "o", &rec, &none).await.unwrap_err();
+        assert!(err.contains("o (stored): SHA-256 mismatch"), "{err}");
         std::fs::write(&path, &orig[..orig.len() - 10]).unwrap();
-        assert!(check(&st, "o", &rec).await.is_err());
+        assert!(check(&st, "o", &rec, &none).await.is_err());
         std::fs::write(&path, &orig).unwrap();
-        check(&st, "o", &rec).await.unwrap();
+        let p = crate::progress::Progress::bytes("test", Some(rec.raw_size));
+        check(&st, "o", &rec, &p).await.unwrap();
+        assert_eq!(p.position(), rec.raw_size);
     }
 }

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::pg::{self, Binaries, Endpoint};
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::repo::manifest::{BackupKind, LogicalDatabase, Manifest};
 use crate::storage::StorageError;
@@ -133,7 +134,7 @@ pub fn spool_dir(cfg: &Config) -> Result<PathBuf> {
 /// reported as corruption.
 pub async fn fetch_verified(repo: &Repo, entry: &LogicalDatabase, dest: &Path) -> Result<()> {
     let key = repo.key(&entry.object.key);
-    let mut reader = pipeline::open_verified(&**repo.storage(), &key, &entry.object)
+    let reader = pipeline::open_verified(&**repo.storage(), &key, &entry.object)
         .await
         .map_err(|e| match e {
             StorageError::NotFound(k) => {
@@ -144,6 +145,11 @@ pub async fn fetch_verified(repo: &Repo, entry: &LogicalDatabase, dest: &Path) -
     let mut file = tokio::fs::File::create(dest)
         .await
         .map_err(|e| Error::io(format!("create {}", dest.display()), e))?;
+    let progress = Progress::bytes(
+        &format!("fetch {}", entry.name),
+        Some(entry.object.raw_size),
+    );
+    let mut reader = progress.reader(reader);
     match tokio::io::copy(&mut reader, &mut file).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {

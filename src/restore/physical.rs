@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::pg::Binaries;
 use crate::pg::cluster::{OsUser, chown_tree, command_as, process_owner};
 use crate::pipeline;
+use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::repo::manifest::{BackupKind, Manifest};
 use crate::storage::StorageError;
@@ -305,15 +306,20 @@ async fn restore_files(repo: &Repo, m: &Manifest, dir: &Path, jobs: usize) -> Re
             .or_default()
             .push(f.clone());
     }
+    let progress = Progress::bytes(
+        &format!("restore {}", m.id),
+        Some(p.files.iter().map(|f| f.object.raw_size).sum()),
+    );
     let sem = Arc::new(Semaphore::new(jobs.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for (key, files) in groups {
         let permit = sem.clone().acquire_owned().await.expect("semaphore");
         let repo = repo.clone();
         let dir = dir.to_path_buf();
+        let progress = progress.clone();
         set.spawn(async move {
             let _permit = permit;
-            restore_group(&repo, &key, &files, &dir).await
+            restore_group(&repo, &key, &files, &dir, &progress).await
         });
         while let Some(r) = set.try_join_next() {
             r.map_err(|e| Error::Failed(e.to_string()))??;
@@ -325,7 +331,13 @@ async fn restore_files(repo: &Repo, m: &Manifest, dir: &Path, jobs: usize) -> Re
     Ok(())
 }
 
-async fn restore_group(repo: &Repo, rel: &str, files: &[FileEntry], dir: &Path) -> Result<()> {
+async fn restore_group(
+    repo: &Repo,
+    rel: &str,
+    files: &[FileEntry],
+    dir: &Path,
+    progress: &Progress,
+) -> Result<()> {
     let key = repo.key(rel);
     if files.len() == 1 && files[0].object.offset.is_none() {
         let f = &files[0];
@@ -338,7 +350,7 @@ async fn restore_group(repo: &Repo, rel: &str, files: &[FileEntry], dir: &Path) 
             .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
         // Large buffers: every tokio file write is a trip to the blocking pool.
         let mut out = tokio::io::BufWriter::with_capacity(1 << 20, out);
-        let mut r = tokio::io::BufReader::with_capacity(1 << 20, r);
+        let mut r = tokio::io::BufReader::with_capacity(1 << 20, progress.reader(r));
         tokio::io::copy_buf(&mut r, &mut out).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::InvalidData {
                 Error::Corruption(e.to_string())
@@ -362,6 +374,7 @@ async fn restore_group(repo: &Repo, rel: &str, files: &[FileEntry], dir: &Path) 
             .await
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         set_mode(&path, f.mode)?;
+        progress.inc(raw.len() as u64);
     }
     Ok(())
 }
