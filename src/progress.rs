@@ -8,14 +8,13 @@
 //! Units are raw (uncompressed) bytes everywhere, so a rate means the same for a backup and its
 //! restore.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio::io::{AsyncRead, ReadBuf};
+
+use crate::pipeline::Inspect;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static MULTI: OnceLock<MultiProgress> = OnceLock::new();
@@ -97,35 +96,9 @@ impl Progress {
     }
 
     /// A reader that counts what passes through it.
-    pub fn reader<R>(&self, inner: R) -> ProgressReader<R> {
-        ProgressReader {
-            inner,
-            bar: self.bar.clone(),
-        }
-    }
-}
-
-/// Counts the bytes read through it on its bar.
-pub struct ProgressReader<R> {
-    inner: R,
-    bar: ProgressBar,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for ProgressReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let n = buf.filled().len() - before;
-            if n > 0 {
-                self.bar.inc(n as u64);
-            }
-        }
-        r
+    pub fn reader<R>(&self, inner: R) -> Inspect<R, impl FnMut(&[u8]) + Send + Unpin + use<R>> {
+        let bar = self.bar.clone();
+        Inspect::new(inner, move |new: &[u8]| bar.inc(new.len() as u64))
     }
 }
 

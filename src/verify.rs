@@ -80,7 +80,13 @@ fn classify(err: &str) -> Problem {
     }
 }
 
+/// Verifies under a read lease: an expire running meanwhile would make deleted objects look
+/// missing.
 pub async fn verify(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
+    crate::repo::lock::reading(repo, "verify", verify_all(repo, only)).await
+}
+
+async fn verify_all(repo: &Repo, only: Option<&str>) -> Result<VerifyReport> {
     let mut report = VerifyReport {
         backups: Vec::new(),
         problems: Vec::new(),

@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use drctl::backup::physical::PhysicalInfo;
 use drctl::config::{CompressionConfig, RetentionConfig};
 use drctl::repo::Repo;
-use drctl::repo::lock::RepoLock;
+use drctl::repo::lock::{ReadLease, RepoLock};
 use drctl::repo::manifest::{BackupKind, MANIFEST_FORMAT, Manifest};
 use drctl::retention;
 use drctl::storage::{self, DynStorage, PutMode};
@@ -349,4 +349,59 @@ async fn a_second_backup_waits_then_fails_naming_the_holder() {
     env.ok(&["backup", "--type", "logical", "--lock-timeout", "1s"]);
     let v = env.json(&["expire", "--dry-run"]);
     assert_eq!(v["dry_run"], true);
+}
+
+/// Regression: an expire running while a verify or restore read the repository deleted what
+/// they read, and verify reported the deleted objects as missing (corruption). Readers now
+/// hold leases that expire waits for, and they wait for a running expire.
+#[tokio::test(flavor = "multi_thread")]
+async fn expire_and_readers_exclude_each_other_but_backups_do_not_block_readers() {
+    both(|st| async move {
+        let repo = Repo::new(st, "rl");
+        // A backup holds the lock: readers go on.
+        let backup = RepoLock::acquire(&repo, "backup --type logical", Duration::from_secs(1)).await.unwrap();
+        let reader = ReadLease::acquire(&repo, "verify", Duration::from_millis(100)).await.expect("a backup does not block readers");
+        backup.release().await.unwrap();
+
+        // A live reader: expire waits, then fails naming it, and leaves the lock free.
+        let t = std::time::Instant::now();
+        let err = RepoLock::acquire_excluding_readers(&repo, "expire", Duration::from_secs(1)).await.unwrap_err();
+        assert!(t.elapsed() >= Duration::from_millis(900), "must wait before failing");
+        assert_eq!(err.exit_code().code(), 12);
+        assert!(err.to_string().contains("being read by `verify`"), "{err}");
+        let free = RepoLock::acquire(&repo, "backup", Duration::from_millis(100)).await.expect("expire gave the lock back");
+        free.release().await.unwrap();
+
+        // The reader finishes while expire waits: expire goes on.
+        let waiting = {
+            let repo = repo.clone();
+            tokio::spawn(async move { RepoLock::acquire_excluding_readers(&repo, "expire", Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!waiting.is_finished(), "expire must wait for the reader");
+        reader.release().await;
+        let expire = waiting.await.unwrap().expect("expire proceeds once the reader is gone");
+
+        // While expire holds the lock, a new reader waits, then fails naming it.
+        let err = ReadLease::acquire(&repo, "restore --pitr", Duration::from_millis(800)).await.unwrap_err();
+        assert_eq!(err.exit_code().code(), 12);
+        assert!(err.to_string().contains("`expire`"), "{err}");
+        let leases = repo.storage().list(&repo.key("locks/readers/")).await.unwrap();
+        assert!(leases.is_empty(), "a reader that stepped back leaves no lease: {leases:?}");
+        expire.release().await.unwrap();
+        let r = ReadLease::acquire(&repo, "restore --pitr", Duration::from_millis(100)).await.unwrap();
+        r.release().await;
+
+        // A stale lease (dead pid on this host) does not hold expire up; it is removed.
+        let dead = serde_json::json!({
+            "host": drctl::backup::logical::hostname(), "pid": 4_000_000u32, "command": "verify", "token": "gone",
+            "started_at": Utc::now().to_rfc3339(), "lease_until": (Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+        });
+        let key = repo.key("locks/readers/gone.json");
+        storage::put_bytes(&**repo.storage(), &key, bytes::Bytes::from(dead.to_string()), PutMode::Overwrite).await.unwrap();
+        let l = RepoLock::acquire_excluding_readers(&repo, "expire", Duration::from_millis(500)).await.expect("stale lease ignored");
+        assert!(repo.storage().head(&key).await.unwrap().is_none(), "stale lease removed");
+        l.release().await.unwrap();
+    })
+    .await;
 }

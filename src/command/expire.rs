@@ -12,16 +12,12 @@ pub async fn run(ctx: &Ctx, args: &crate::cli::ExpireArgs) -> Result<Output> {
     let timeout = humantime::parse_duration(&args.lock_timeout)
         .map_err(|e| Error::Usage(format!("--lock-timeout {:?}: {e}", args.lock_timeout)))?;
     // The plan is made under the lock too, so a dry run shows what a real run would do now.
-    let lock = RepoLock::acquire(
-        &repo,
-        if args.dry_run {
-            "expire --dry-run"
-        } else {
-            "expire"
-        },
-        timeout,
-    )
-    .await?;
+    // A real run deletes, so it also waits for readers (restores, verify) to finish.
+    let lock = if args.dry_run {
+        RepoLock::acquire(&repo, "expire --dry-run", timeout).await?
+    } else {
+        RepoLock::acquire_excluding_readers(&repo, "expire", timeout).await?
+    };
     let result = async {
         let plan = retention::plan(
             &repo,

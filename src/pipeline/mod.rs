@@ -47,41 +47,53 @@ struct HashState {
     bytes: u64,
 }
 
-/// Passes bytes through while hashing and counting them.
-struct HashReader<R> {
+/// Passes bytes through unchanged, showing each chunk read to `seen`.
+pub struct Inspect<R, F> {
     inner: R,
-    state: Arc<Mutex<HashState>>,
+    seen: F,
 }
 
-impl<R: AsyncRead + Unpin> AsyncRead for HashReader<R> {
+impl<R, F: FnMut(&[u8])> Inspect<R, F> {
+    pub fn new(inner: R, seen: F) -> Self {
+        Inspect { inner, seen }
+    }
+}
+
+impl<R: AsyncRead + Unpin, F: FnMut(&[u8]) + Unpin> AsyncRead for Inspect<R, F> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
-                let mut s = self.state.lock().unwrap();
-                s.hasher.update(new);
-                s.bytes += new.len() as u64;
+                (this.seen)(new);
             }
         }
         r
     }
 }
 
+/// A reader that hashes and counts what passes through it.
+type HashReader<R> = Inspect<R, Box<dyn FnMut(&[u8]) + Send>>;
+
+/// Passes bytes through while hashing and counting them.
 fn hash_reader<R>(inner: R) -> (HashReader<R>, Arc<Mutex<HashState>>) {
     let state = Arc::new(Mutex::new(HashState::default()));
-    (
-        HashReader {
-            inner,
-            state: state.clone(),
-        },
-        state,
-    )
+    let s = state.clone();
+    let reader = Inspect::new(
+        inner,
+        Box::new(move |new: &[u8]| {
+            let mut s = s.lock().unwrap();
+            s.hasher.update(new);
+            s.bytes += new.len() as u64;
+        }) as Box<dyn FnMut(&[u8]) + Send>,
+    );
+    (reader, state)
 }
 
 fn finish(state: &Arc<Mutex<HashState>>) -> (u64, String) {
@@ -309,13 +321,75 @@ pub async fn open_verified(
         record.stored_size,
         &record.stored_sha256,
     );
-    let raw = decompress(stored, record.compression);
+    // A damaged byte usually trips the decompressor before the stored checksum is judged at
+    // the end. Such an error is corruption (InvalidData), unlike one from the storage below.
+    let source_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stored = FlagErrors {
+        inner: stored,
+        failed: source_failed.clone(),
+    };
+    let raw = DecodeErrors {
+        inner: decompress(stored, record.compression),
+        source_failed,
+        key: key.to_string(),
+    };
     Ok(Box::pin(VerifyReader::new(
         raw,
         key.to_string(),
         record.raw_size,
         &record.raw_sha256,
     )))
+}
+
+/// Notes that its reader failed.
+struct FlagErrors<R> {
+    inner: R,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for FlagErrors<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Err(_)) = &r {
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+/// Turns a decompressor's own errors (its source did not fail) into InvalidData.
+struct DecodeErrors<R> {
+    inner: R,
+    source_failed: Arc<std::sync::atomic::AtomicBool>,
+    key: String,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for DecodeErrors<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Err(e))
+                if e.kind() != std::io::ErrorKind::InvalidData
+                    && !self
+                        .source_failed
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                Poll::Ready(Err(invalid(format!(
+                    "{} (stored): does not decompress, the object is corrupt: {e}",
+                    self.key
+                ))))
+            }
+            other => other,
+        }
+    }
 }
 
 /// Reads a whole verified object to the end, discarding the bytes and counting them on
@@ -482,5 +556,37 @@ mod tests {
         let p = crate::progress::Progress::bytes("test", Some(rec.raw_size));
         check(&st, "o", &rec, &p).await.unwrap();
         assert_eq!(p.position(), rec.raw_size);
+    }
+
+    /// Regression: a damaged byte that the decompressor trips over (here the zstd frame
+    /// header) came out as a plain I/O error, so restore exited 1 instead of 6 (corruption).
+    #[tokio::test]
+    async fn a_byte_the_decompressor_rejects_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = FsStorage::new(dir.path()).unwrap();
+        let cfg = CompressionConfig::default();
+        let rec = upload(
+            &st,
+            "o",
+            "o",
+            std::io::Cursor::new(data()),
+            &cfg,
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+        let path = dir.path().join("o");
+        let mut bad = std::fs::read(&path).unwrap();
+        bad[4] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        let mut out = Vec::new();
+        let err = open_verified(&st, "o", &rec)
+            .await
+            .unwrap()
+            .read_to_end(&mut out)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("o (stored)"), "{err}");
     }
 }

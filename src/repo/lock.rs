@@ -1,4 +1,5 @@
-//! The repository lock: one writer at a time for backup and expire.
+//! The repository lock: one writer at a time for backup and expire, and read leases that keep
+//! expire away from what a restore or verify is reading.
 //!
 //! The lock is an object `<stanza>/locks/repo.lock` created with put-if-absent, holding who
 //! took it (host, pid, command), since when, and a lease that a heartbeat extends. A lock whose
@@ -6,6 +7,14 @@
 //! the takeover is logged. A live lock makes the caller wait up to its timeout, then fail
 //! naming the holder. Destructive operations take a `&RepoLock`, so they cannot be called
 //! without holding it. `wal push` never locks: put-if-absent already makes it safe.
+//!
+//! Readers (restore, verify, drills) do not exclude each other or a backup, which only adds.
+//! Each writes its own lease `locks/readers/<token>.json`, with the same heartbeat and the same
+//! staleness rules. Expire takes the lock with [`RepoLock::acquire_excluding_readers`]: it
+//! then waits until no live reader is left. A reader announces itself first and looks at the
+//! lock second; expire takes the lock first and lists the readers second. So whichever comes
+//! second sees the other: a reader that finds expire holding the lock withdraws its lease
+//! and waits, and an expire that finds a reader waits for it.
 
 use std::time::Duration;
 
@@ -19,6 +28,8 @@ use crate::error::{Error, Result};
 use crate::storage::{self, PutMode, StorageError};
 
 pub const LOCK_KEY: &str = "locks/repo.lock";
+/// Where read leases live, one object each.
+pub const READERS_PREFIX: &str = "locks/readers/";
 /// How long a lease lasts without a heartbeat.
 pub const LEASE: Duration = Duration::from_secs(60);
 
@@ -30,6 +41,9 @@ pub struct Holder {
     pub token: String,
     pub started_at: DateTime<Utc>,
     pub lease_until: DateTime<Utc>,
+    /// Set by expire: readers must not start while it holds the lock.
+    #[serde(default)]
+    pub excludes_readers: bool,
 }
 
 impl Holder {
@@ -42,6 +56,30 @@ impl Holder {
             self.started_at.to_rfc3339(),
             self.lease_until.to_rfc3339()
         )
+    }
+
+    fn new(command: &str, excludes_readers: bool) -> Holder {
+        let now = Utc::now();
+        Holder {
+            host: crate::backup::logical::hostname(),
+            pid: std::process::id(),
+            command: command.to_string(),
+            token: format!(
+                "{}-{}-{}",
+                std::process::id(),
+                now.timestamp_nanos_opt().unwrap_or(0),
+                rand_u32()
+            ),
+            started_at: now,
+            lease_until: now + chrono::Duration::from_std(LEASE).unwrap_or_default(),
+            excludes_readers,
+        }
+    }
+
+    fn body(&self) -> Result<Bytes> {
+        serde_json::to_vec_pretty(self)
+            .map(Bytes::from)
+            .map_err(|e| Error::Failed(e.to_string()))
     }
 
     /// Stale: its lease ran out, or it is a dead process on this very host.
@@ -69,38 +107,55 @@ pub struct RepoLock {
 }
 
 impl RepoLock {
-    /// Takes the lock, waiting up to `timeout` for a live holder to finish.
+    /// Takes the lock, waiting up to `timeout` for a live holder to finish. Readers go on.
     pub async fn acquire(repo: &Repo, command: &str, timeout: Duration) -> Result<RepoLock> {
-        let key = repo.key(LOCK_KEY);
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut announced = false;
+        Self::take(repo, command, false, &mut Patience::new(timeout)).await
+    }
+
+    /// Takes the lock, then waits (within the same `timeout`) until no live reader is left;
+    /// new readers wait while it is held. For expire, which deletes what readers read.
+    pub async fn acquire_excluding_readers(
+        repo: &Repo,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<RepoLock> {
+        let mut patience = Patience::new(timeout);
+        let lock = Self::take(repo, command, true, &mut patience).await?;
         loop {
-            let now = Utc::now();
-            let holder = Holder {
-                host: crate::backup::logical::hostname(),
-                pid: std::process::id(),
-                command: command.to_string(),
-                token: format!(
-                    "{}-{}-{}",
-                    std::process::id(),
-                    now.timestamp_nanos_opt().unwrap_or(0),
-                    rand_u32()
-                ),
-                started_at: now,
-                lease_until: now + chrono::Duration::from_std(LEASE).unwrap_or_default(),
-            };
-            let body =
-                serde_json::to_vec_pretty(&holder).map_err(|e| Error::Failed(e.to_string()))?;
-            match storage::put_bytes(
-                &**repo.storage(),
-                &key,
-                Bytes::from(body),
-                PutMode::IfAbsent,
-            )
-            .await
+            let readers = live_readers(repo).await?;
+            if readers.is_empty() {
+                return Ok(lock);
+            }
+            let who = readers
+                .iter()
+                .map(Holder::describe)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let why = format!(
+                "the repository (stanza {}) is being read by {who}",
+                repo.stanza()
+            );
+            if let Err(e) = patience.wait(why).await {
+                lock.release().await?;
+                return Err(e);
+            }
+        }
+    }
+
+    async fn take(
+        repo: &Repo,
+        command: &str,
+        excludes_readers: bool,
+        patience: &mut Patience,
+    ) -> Result<RepoLock> {
+        let key = repo.key(LOCK_KEY);
+        loop {
+            let holder = Holder::new(command, excludes_readers);
+            match storage::put_bytes(&**repo.storage(), &key, holder.body()?, PutMode::IfAbsent)
+                .await
             {
                 Ok(_) => {
-                    let heartbeat = Some(spawn_heartbeat(repo.clone(), holder.clone()));
+                    let heartbeat = Some(spawn_heartbeat(repo.clone(), key, holder.clone()));
                     return Ok(RepoLock {
                         repo: repo.clone(),
                         holder,
@@ -111,39 +166,16 @@ impl RepoLock {
                 Err(e) => return Err(e.into()),
             }
             // Someone holds it: stale or live?
-            let current = match storage::get_bytes(&**repo.storage(), &key).await {
-                Ok(b) => serde_json::from_slice::<Holder>(&b).ok(),
-                Err(StorageError::NotFound(_)) => continue, // released meanwhile
-                Err(e) => return Err(e.into()),
+            let Some(h) = live_holder(repo).await? else {
+                continue; // released or taken over meanwhile
             };
-            match current {
-                Some(h) if !h.is_stale(Utc::now()) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(Error::Locked(format!(
-                            "the repository (stanza {}) is locked by {}; waited {}",
-                            repo.stanza(),
-                            h.describe(),
-                            humantime::format_duration(timeout)
-                        )));
-                    }
-                    if !announced {
-                        tracing::warn!(
-                            "repository locked by {}; waiting up to {}",
-                            h.describe(),
-                            humantime::format_duration(timeout)
-                        );
-                        announced = true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                stale => {
-                    let who = stale
-                        .map(|h| h.describe())
-                        .unwrap_or_else(|| "an unreadable lock".into());
-                    tracing::warn!("taking over a stale repository lock held by {who}");
-                    repo.storage().delete(&key).await?;
-                }
-            }
+            patience
+                .wait(format!(
+                    "the repository (stanza {}) is locked by {}",
+                    repo.stanza(),
+                    h.describe()
+                ))
+                .await?;
         }
     }
 
@@ -174,13 +206,173 @@ impl Drop for RepoLock {
     }
 }
 
-fn spawn_heartbeat(repo: Repo, mut holder: Holder) -> JoinHandle<()> {
+/// How often a waiter looks again.
+const POLL: Duration = Duration::from_millis(500);
+
+/// A wait with a deadline: one warning when it starts, a [`Error::Locked`] when it runs out.
+struct Patience {
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    announced: bool,
+}
+
+impl Patience {
+    fn new(timeout: Duration) -> Patience {
+        Patience {
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            announced: false,
+        }
+    }
+
+    /// Sleeps one poll interval if time is left (saying `why` the first time), else fails
+    /// with `why`.
+    async fn wait(&mut self, why: String) -> Result<()> {
+        let limit = humantime::format_duration(self.timeout);
+        if tokio::time::Instant::now() >= self.deadline {
+            return Err(Error::Locked(format!("{why}; waited {limit}")));
+        }
+        if !self.announced {
+            tracing::warn!("{why}; waiting up to {limit}");
+            self.announced = true;
+        }
+        tokio::time::sleep(POLL).await;
+        Ok(())
+    }
+}
+
+/// The live holder of the lock, if any; a stale lock is deleted (and the takeover logged).
+async fn live_holder(repo: &Repo) -> Result<Option<Holder>> {
+    let key = repo.key(LOCK_KEY);
+    let current = match storage::get_bytes(&**repo.storage(), &key).await {
+        Ok(b) => serde_json::from_slice::<Holder>(&b).ok(),
+        Err(StorageError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    match current {
+        Some(h) if !h.is_stale(Utc::now()) => Ok(Some(h)),
+        stale => {
+            let who = stale
+                .map(|h| h.describe())
+                .unwrap_or_else(|| "an unreadable lock".into());
+            tracing::warn!("taking over a stale repository lock held by {who}");
+            repo.storage().delete(&key).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The live read leases; stale ones (dead pid here, lease run out) are deleted and logged.
+async fn live_readers(repo: &Repo) -> Result<Vec<Holder>> {
+    let mut live = Vec::new();
+    for o in repo.storage().list(&repo.key(READERS_PREFIX)).await? {
+        let holder = match storage::get_bytes(&**repo.storage(), &o.key).await {
+            Ok(b) => serde_json::from_slice::<Holder>(&b).ok(),
+            Err(StorageError::NotFound(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        match holder {
+            Some(h) if !h.is_stale(Utc::now()) => live.push(h),
+            stale => {
+                let who = stale
+                    .map(|h| h.describe())
+                    .unwrap_or_else(|| "an unreadable lease".into());
+                tracing::warn!("removing the stale read lease of {who}");
+                repo.storage().delete(&o.key).await?;
+            }
+        }
+    }
+    Ok(live)
+}
+
+/// Proof that this process is reading the repository: expire does not run while it lives.
+/// Call [`ReadLease::release`] when done; a lease that is only dropped goes stale within
+/// [`LEASE`] (at once for a dead process on the same host).
+#[derive(Debug)]
+pub struct ReadLease {
+    repo: Repo,
+    key: String,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+impl ReadLease {
+    /// Announces a reader, waiting up to `timeout` while an expire holds the lock.
+    pub async fn acquire(repo: &Repo, command: &str, timeout: Duration) -> Result<ReadLease> {
+        let mut patience = Patience::new(timeout);
+        loop {
+            let holder = Holder::new(command, false);
+            let key = repo.key(&format!("{READERS_PREFIX}{}.json", holder.token));
+            storage::put_bytes(&**repo.storage(), &key, holder.body()?, PutMode::IfAbsent).await?;
+            // Announced first, looked second: an expire that took the lock before our lease
+            // was written may not have seen it, so step back and let it finish.
+            let expire = match live_holder(repo).await {
+                Ok(h) => h.filter(|h| h.excludes_readers),
+                Err(e) => {
+                    let _ = repo.storage().delete(&key).await;
+                    return Err(e);
+                }
+            };
+            let Some(h) = expire else {
+                let heartbeat = Some(spawn_heartbeat(repo.clone(), key.clone(), holder));
+                return Ok(ReadLease {
+                    repo: repo.clone(),
+                    key,
+                    heartbeat,
+                });
+            };
+            repo.storage().delete(&key).await?;
+            patience
+                .wait(format!(
+                    "the repository (stanza {}) is locked by {}, which deletes what a reader needs",
+                    repo.stanza(),
+                    h.describe()
+                ))
+                .await?;
+        }
+    }
+
+    /// Removes the lease. A failure is only logged: the lease goes stale by itself.
+    pub async fn release(mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+        if let Err(e) = self.repo.storage().delete(&self.key).await {
+            tracing::warn!(key = %self.key, error = %e, "could not remove the read lease");
+        }
+    }
+}
+
+/// How long a reader waits for an expire that holds the lock.
+pub const READ_WAIT: Duration = Duration::from_secs(600);
+
+/// Runs `work` holding a read lease named `command`, so that expire does not delete what it
+/// reads; waits up to [`READ_WAIT`] for a running expire first.
+pub async fn reading<T>(
+    repo: &Repo,
+    command: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let lease = ReadLease::acquire(repo, command, READ_WAIT).await?;
+    let r = work.await;
+    lease.release().await;
+    r
+}
+
+impl Drop for ReadLease {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Extends the lease at `key` while it is still ours (same token).
+fn spawn_heartbeat(repo: Repo, key: String, mut holder: Holder) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let key = repo.key(LOCK_KEY);
         loop {
             tokio::time::sleep(LEASE / 3).await;
             holder.lease_until = Utc::now() + chrono::Duration::from_std(LEASE).unwrap_or_default();
-            let Ok(body) = serde_json::to_vec_pretty(&holder) else {
+            let Ok(body) = holder.body() else {
                 continue;
             };
             // Only extend a lock that is still ours.
@@ -189,19 +381,14 @@ fn spawn_heartbeat(repo: Repo, mut holder: Holder) -> JoinHandle<()> {
                     if serde_json::from_slice::<Holder>(&b)
                         .is_ok_and(|h| h.token == holder.token) =>
                 {
-                    if let Err(e) = storage::put_bytes(
-                        &**repo.storage(),
-                        &key,
-                        Bytes::from(body),
-                        PutMode::Overwrite,
-                    )
-                    .await
+                    if let Err(e) =
+                        storage::put_bytes(&**repo.storage(), &key, body, PutMode::Overwrite).await
                     {
                         tracing::warn!(error = %e, "could not extend the repository lock lease");
                     }
                 }
                 _ => {
-                    tracing::error!("the repository lock was taken from this process");
+                    tracing::error!(key = %key, "the repository lock or lease was taken from this process");
                     return;
                 }
             }

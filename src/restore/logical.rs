@@ -48,7 +48,17 @@ pub struct LogicalRestoreReport {
     pub restore_seconds: f64,
 }
 
+/// Restores under a read lease, so that expire does not delete the dump meanwhile.
 pub async fn run(
+    cfg: &Config,
+    repo: &Repo,
+    opts: &LogicalRestoreOptions,
+) -> Result<LogicalRestoreReport> {
+    let what = format!("restore --logical --database {}", opts.database);
+    crate::repo::lock::reading(repo, &what, restore(cfg, repo, opts)).await
+}
+
+async fn restore(
     cfg: &Config,
     repo: &Repo,
     opts: &LogicalRestoreOptions,

@@ -156,7 +156,14 @@ pub async fn choose_backup(
     })
 }
 
+/// Restores under a read lease: expire leaves the backup and its WAL alone meanwhile, also
+/// while the cluster replays WAL through `wal fetch` before it promotes.
 pub async fn run(cfg: &Config, repo: &Repo, opts: &PitrOptions) -> Result<PitrReport> {
+    let what = format!("restore --pitr to {}", opts.target.describe());
+    crate::repo::lock::reading(repo, &what, restore(cfg, repo, opts)).await
+}
+
+async fn restore(cfg: &Config, repo: &Repo, opts: &PitrOptions) -> Result<PitrReport> {
     let t_all = Instant::now();
     let mut stages = Vec::new();
     let mut stage = |name: &str, t: Instant| {
