@@ -100,6 +100,14 @@ pub async fn run(
     Ok(manifest)
 }
 
+/// Lets pg_dump run up to 1 MiB ahead of us instead of the default 64 KiB. Best effort: the
+/// system limit (/proc/sys/fs/pipe-max-size) may refuse it, which only costs speed.
+fn grow_pipe(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+}
+
 /// What the dumps will weigh, ahead of them: each database's size on disk beyond an empty
 /// one's (template0: the catalogs a dump barely touches). A dump leaves out indexes and free
 /// space, so this errs high; only the progress bar uses it.
@@ -201,7 +209,15 @@ async fn dump_one(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| Error::io(format!("start {}", bins.path("pg_dump").display()), e))?;
-    let stdout = child.stdout.take().expect("piped");
+    // Read the dump on a thread of its own, in large chunks (see read_on_thread).
+    let stdout = child
+        .stdout
+        .take()
+        .expect("piped")
+        .into_owned_fd()
+        .map_err(|e| Error::io("pg_dump's output pipe", e))?;
+    grow_pipe(&stdout);
+    let stdout = pipeline::read_on_thread(std::fs::File::from(stdout));
     let mut stderr = child.stderr.take().expect("piped");
     let stderr_task = tokio::spawn(async move {
         let mut buf = Vec::new();

@@ -78,6 +78,94 @@ impl<R: AsyncRead + Unpin, F: FnMut(&[u8]) + Unpin> AsyncRead for Inspect<R, F> 
     }
 }
 
+/// Largest chunk a [`read_on_thread`] source hands over at once.
+const THREAD_CHUNK: usize = 1 << 20;
+
+/// Reads a blocking source (a pipe from pg_dump, a file) on a thread of its own and hands it
+/// over in chunks of up to 1 MiB, at most four in flight. A pipe read on the async runtime
+/// returns whatever the writer last put in (often a few KiB), and each one costs a wake-up
+/// across threads; measured on a 500 MB dump that was 80,000 epoll waits and 130,000 futex
+/// calls. Here the thread blocks in read(2) and the runtime sees a few hundred large reads.
+pub fn read_on_thread<R: std::io::Read + Send + 'static>(mut src: R) -> ChunkReader {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let spawned = std::thread::Builder::new()
+        .name("drctl-read".into())
+        .spawn(move || {
+            loop {
+                let mut buf = vec![0u8; THREAD_CHUNK];
+                let mut n = 0;
+                let mut failed = None;
+                while n < buf.len() {
+                    match src.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                buf.truncate(n);
+                let last = n < THREAD_CHUNK;
+                if n > 0 && tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
+                    return; // the reader is gone
+                }
+                if let Some(e) = failed {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+                if last {
+                    return; // end of stream: dropping tx ends the reader's stream
+                }
+            }
+        });
+    let rx = match spawned {
+        Ok(_) => Some(rx),
+        Err(e) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.try_send(Err(e));
+            Some(rx)
+        }
+    };
+    ChunkReader {
+        rx,
+        chunk: bytes::Bytes::new(),
+    }
+}
+
+/// The async end of [`read_on_thread`].
+pub struct ChunkReader {
+    rx: Option<tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>>,
+    chunk: bytes::Bytes,
+}
+
+impl AsyncRead for ChunkReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.chunk.is_empty() {
+            let Some(rx) = self.rx.as_mut() else {
+                return Poll::Ready(Ok(())); // end of stream
+            };
+            match rx.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(b))) => self.chunk = b,
+                Poll::Ready(Some(Err(e))) => {
+                    self.rx = None;
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(None) => self.rx = None,
+            }
+        }
+        let n = self.chunk.len().min(buf.remaining());
+        buf.put_slice(&self.chunk.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// A reader that hashes and counts what passes through it.
 type HashReader<R> = Inspect<R, Box<dyn FnMut(&[u8]) + Send>>;
 
@@ -556,6 +644,40 @@ mod tests {
         let p = crate::progress::Progress::bytes("test", Some(rec.raw_size));
         check(&st, "o", &rec, &p).await.unwrap();
         assert_eq!(p.position(), rec.raw_size);
+    }
+
+    /// A source read on its own thread arrives whole and in order, and its error arrives as
+    /// an error, not as an early end of stream.
+    #[tokio::test]
+    async fn read_on_thread_passes_everything_and_errors() {
+        let big: Vec<u8> = (0..3 * THREAD_CHUNK + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut out = Vec::new();
+        read_on_thread(std::io::Cursor::new(big.clone()))
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, big);
+
+        struct Failing(usize);
+        impl std::io::Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("disk on fire"));
+                }
+                let n = buf.len().min(self.0);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let mut out = Vec::new();
+        let err = read_on_thread(Failing(100_000))
+            .read_to_end(&mut out)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert_eq!(out.len(), 100_000);
     }
 
     /// Regression: a damaged byte that the decompressor trips over (here the zstd frame
