@@ -209,7 +209,7 @@ async fn dump_one(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| Error::io(format!("start {}", bins.path("pg_dump").display()), e))?;
-    // Read the dump on a thread of its own, in large chunks (see read_on_thread).
+    // The dump is read (and hashed) on a thread of its own, in large chunks.
     let stdout = child
         .stdout
         .take()
@@ -217,7 +217,6 @@ async fn dump_one(
         .into_owned_fd()
         .map_err(|e| Error::io("pg_dump's output pipe", e))?;
     grow_pipe(&stdout);
-    let stdout = pipeline::read_on_thread(std::fs::File::from(stdout));
     let mut stderr = child.stderr.take().expect("piped");
     let stderr_task = tokio::spawn(async move {
         let mut buf = Vec::new();
@@ -236,11 +235,12 @@ async fn dump_one(
     let key = repo.key(&rel);
     let storage = repo.storage().clone();
     let compression = cfg.compression;
-    let upload = pipeline::upload(
+    let upload = pipeline::upload_blocking(
         &*storage,
         &key,
         &rel,
-        progress.reader(stdout),
+        std::fs::File::from(stdout),
+        progress,
         &compression,
         PutMode::IfAbsent,
     );

@@ -217,18 +217,22 @@ pub async fn run(
         .map_err(|e| Error::pg("pg_backup_start", e))?
         .get(0);
     let start_lsn = Lsn::parse(&start_lsn)?;
+    let t0 = std::time::Instant::now();
+    tracing::debug!(backup = %id, lsn = %start_lsn, seconds = (Utc::now() - started_at).num_milliseconds() as f64 / 1000.0, "pg_backup_start returned");
 
     // 3. Copy the files; on any failure stop the backup and remove what was written.
     let copied = tokio::select! {
         r = copy_files(cfg, repo, &data_dir, &id, jobs.unwrap_or(cfg.backup.jobs)) => r,
         _ = cancel.cancelled() => Err(interrupted(&id)),
     };
-    // An abandoned backup need not wait for its stop segment to be archived.
-    let wait_archive = copied.is_ok();
+    tracing::debug!(backup = %id, seconds = t0.elapsed().as_secs_f64(), "files copied");
+    // pg_backup_stop switches to a new segment either way. Its own wait for the archiver
+    // polls once a second (a whole second of every backup, measured); we wait for the stop
+    // segment to reach the repository instead, which is what restorability needs anyway.
     let stop = conn
         .query_one(
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop($1)",
-            &[&wait_archive],
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+            &[],
         )
         .await
         .map_err(|e| Error::pg("pg_backup_stop", e));
@@ -242,6 +246,7 @@ pub async fn run(
         let start_seg = Segment::from_lsn(timeline, start_lsn, seg_size);
         let stop_seg = Segment::from_lsn(timeline, Lsn(stop_lsn.0.saturating_sub(1)), seg_size);
 
+        tracing::debug!(backup = %id, seconds = t0.elapsed().as_secs_f64(), "pg_backup_stop returned");
         // 4. The backup is only restorable once its last segment is in the repository.
         tokio::select! {
             r = wait_for_archive(repo, stop_seg, seg_size, cfg.backup.archive_timeout) => r?,
@@ -352,6 +357,8 @@ async fn wait_for_archive(
 ) -> Result<()> {
     let key = repo.key(&WalName::Segment(seg).key(seg_size));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout_secs);
+    // The archiver usually delivers within tens of milliseconds: look often at first.
+    let mut pause = Duration::from_millis(20);
     loop {
         if repo.storage().head(&key).await?.is_some() {
             return Ok(());
@@ -363,7 +370,8 @@ async fn wait_for_archive(
                 seg.name(seg_size)
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 
@@ -457,17 +465,20 @@ async fn copy_large(
     cfg: &crate::config::CompressionConfig,
     progress: &Progress,
 ) -> Result<Option<FileEntry>> {
-    let file = match tokio::fs::File::open(data_dir.join(&path)).await {
+    let file = match std::fs::File::open(data_dir.join(&path)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("open {path}"), e)),
     };
     let rel = object_key(id, &format!("data/{path}{}", cfg.algorithm.suffix()));
-    let object = pipeline::upload(
+    let t = std::time::Instant::now();
+    // Read and hashed on a thread of its own while this task compresses.
+    let object = pipeline::upload_blocking(
         &**repo.storage(),
         &repo.key(&rel),
         &rel,
-        progress.reader(file),
+        file,
+        progress,
         cfg,
         PutMode::Overwrite,
     )
@@ -476,6 +487,7 @@ async fn copy_large(
         PipelineError::Storage(s) => Error::Storage(s),
         other => Error::Failed(format!("{path}: {other}")),
     })?;
+    tracing::debug!(path = %path, raw = object.raw_size, seconds = t.elapsed().as_secs_f64(), "file copied");
     Ok(Some(FileEntry {
         path,
         mtime,

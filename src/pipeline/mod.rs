@@ -80,19 +80,35 @@ impl<R: AsyncRead + Unpin, F: FnMut(&[u8]) + Unpin> AsyncRead for Inspect<R, F> 
 
 /// Largest chunk a [`read_on_thread`] source hands over at once.
 const THREAD_CHUNK: usize = 1 << 20;
+/// Raw bytes per zstd frame when compressing on a thread (level 3 matches reach back 2 MiB).
+const FRAME: usize = 2 << 20;
 
 /// Reads a blocking source (a pipe from pg_dump, a file) on a thread of its own and hands it
 /// over in chunks of up to 1 MiB, at most four in flight. A pipe read on the async runtime
 /// returns whatever the writer last put in (often a few KiB), and each one costs a wake-up
 /// across threads; measured on a 500 MB dump that was 80,000 epoll waits and 130,000 futex
 /// calls. Here the thread blocks in read(2) and the runtime sees a few hundred large reads.
-pub fn read_on_thread<R: std::io::Read + Send + 'static>(mut src: R) -> ChunkReader {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+pub fn read_on_thread<R: std::io::Read + Send + 'static>(src: R) -> ChunkReader {
+    ChunkReader::new(spawn_stage(src, THREAD_CHUNK, 4, |buf| {
+        Ok(bytes::Bytes::from(buf))
+    }))
+}
+
+type Chunks = tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>;
+
+/// Runs `stage` on each chunk of up to `chunk` bytes read from `src`, on a thread of its own,
+/// and hands the results over, at most `depth` in flight.
+fn spawn_stage<R, F>(mut src: R, chunk: usize, depth: usize, mut stage: F) -> Chunks
+where
+    R: std::io::Read + Send + 'static,
+    F: FnMut(Vec<u8>) -> std::io::Result<bytes::Bytes> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(depth);
     let spawned = std::thread::Builder::new()
         .name("drctl-read".into())
         .spawn(move || {
             loop {
-                let mut buf = vec![0u8; THREAD_CHUNK];
+                let mut buf = vec![0u8; chunk];
                 let mut n = 0;
                 let mut failed = None;
                 while n < buf.len() {
@@ -107,9 +123,13 @@ pub fn read_on_thread<R: std::io::Read + Send + 'static>(mut src: R) -> ChunkRea
                     }
                 }
                 buf.truncate(n);
-                let last = n < THREAD_CHUNK;
-                if n > 0 && tx.blocking_send(Ok(bytes::Bytes::from(buf))).is_err() {
-                    return; // the reader is gone
+                let last = n < chunk;
+                if n > 0 {
+                    let out = stage(buf);
+                    let stop = out.is_err();
+                    if tx.blocking_send(out).is_err() || stop {
+                        return; // the reader is gone, or told of the failure
+                    }
                 }
                 if let Some(e) = failed {
                     let _ = tx.blocking_send(Err(e));
@@ -120,24 +140,56 @@ pub fn read_on_thread<R: std::io::Read + Send + 'static>(mut src: R) -> ChunkRea
                 }
             }
         });
-    let rx = match spawned {
-        Ok(_) => Some(rx),
+    match spawned {
+        Ok(_) => rx,
         Err(e) => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             let _ = tx.try_send(Err(e));
-            Some(rx)
+            rx
         }
-    };
-    ChunkReader {
-        rx,
-        chunk: bytes::Bytes::new(),
     }
+}
+
+/// The blocking end of a stage, as the source of the next stage's thread.
+struct BlockingChunks {
+    rx: Chunks,
+    chunk: bytes::Bytes,
+}
+
+impl std::io::Read for BlockingChunks {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = self.chunk.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+fn add(state: &Mutex<HashState>, bytes: &[u8]) {
+    let mut s = state.lock().unwrap();
+    s.hasher.update(bytes);
+    s.bytes += bytes.len() as u64;
 }
 
 /// The async end of [`read_on_thread`].
 pub struct ChunkReader {
-    rx: Option<tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>>,
+    rx: Option<Chunks>,
     chunk: bytes::Bytes,
+}
+
+impl ChunkReader {
+    fn new(rx: Chunks) -> ChunkReader {
+        ChunkReader {
+            rx: Some(rx),
+            chunk: bytes::Bytes::new(),
+        }
+    }
 }
 
 impl AsyncRead for ChunkReader {
@@ -175,11 +227,7 @@ fn hash_reader<R>(inner: R) -> (HashReader<R>, Arc<Mutex<HashState>>) {
     let s = state.clone();
     let reader = Inspect::new(
         inner,
-        Box::new(move |new: &[u8]| {
-            let mut s = s.lock().unwrap();
-            s.hasher.update(new);
-            s.bytes += new.len() as u64;
-        }) as Box<dyn FnMut(&[u8]) + Send>,
+        Box::new(move |new: &[u8]| add(&s, new)) as Box<dyn FnMut(&[u8]) + Send>,
     );
     (reader, state)
 }
@@ -279,7 +327,110 @@ where
     R: AsyncRead + Send + Unpin + 'static,
 {
     let (raw, raw_state) = hash_reader(raw);
+    upload_hashed(storage, key, record_key, raw, raw_state, cfg, mode).await
+}
+
+/// [`upload`] from a blocking source (a file, a pipe). The source is read, and its raw bytes
+/// hashed and counted on `progress`, on a thread of its own. With zstd (and no zstd worker
+/// threads configured) a second thread compresses: each 2 MiB of input becomes one zstd
+/// frame made in one shot, and the frames are concatenated. (One thread for both stalled
+/// pg_dump on a full pipe while it compressed.) Measured on a 500 MB dump, one-shot
+/// frames compress at 413 MB/s against 280 MB/s for one streaming pass, to the same size
+/// (level 3's window is 2 MiB, so little crosses a frame boundary); the async side then only
+/// writes.
+pub async fn upload_blocking<S>(
+    storage: &dyn Storage,
+    key: &str,
+    record_key: &str,
+    src: S,
+    progress: &crate::progress::Progress,
+    cfg: &CompressionConfig,
+    mode: PutMode,
+) -> Result<ObjectRecord, PipelineError>
+where
+    S: std::io::Read + Send + 'static,
+{
+    let raw_state = Arc::new(Mutex::new(HashState::default()));
+    let (raw, progress) = (raw_state.clone(), progress.clone());
+    let raw = spawn_stage(src, THREAD_CHUNK, 2, move |buf| {
+        add(&raw, &buf);
+        progress.inc(buf.len() as u64);
+        Ok(bytes::Bytes::from(buf))
+    });
+    if cfg.algorithm != Algorithm::Zstd || cfg.threads > 0 {
+        let raw = ChunkReader::new(raw);
+        return upload_hashed(storage, key, record_key, raw, raw_state, cfg, mode).await;
+    }
+    let stored_state = Arc::new(Mutex::new(HashState::default()));
+    let stored_hash = stored_state.clone();
+    let mut zstd = zstd::bulk::Compressor::new(cfg.level).map_err(|e| PipelineError::Source {
+        key: key.to_string(),
+        source: e,
+    })?;
+    let raw = BlockingChunks {
+        rx: raw,
+        chunk: bytes::Bytes::new(),
+    };
+    let frames = ChunkReader::new(spawn_stage(raw, FRAME, 2, move |buf| {
+        let frame = zstd.compress(&buf)?;
+        add(&stored_hash, &frame);
+        Ok(bytes::Bytes::from(frame))
+    }));
+    put_and_record(
+        storage,
+        key,
+        record_key,
+        frames,
+        raw_state,
+        stored_state,
+        cfg,
+        mode,
+    )
+    .await
+}
+
+/// The rest of an upload once the raw bytes are being hashed into `raw_state`.
+async fn upload_hashed<R>(
+    storage: &dyn Storage,
+    key: &str,
+    record_key: &str,
+    raw: R,
+    raw_state: Arc<Mutex<HashState>>,
+    cfg: &CompressionConfig,
+    mode: PutMode,
+) -> Result<ObjectRecord, PipelineError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+{
     let (stored, stored_state) = hash_reader(compress(raw, cfg));
+    put_and_record(
+        storage,
+        key,
+        record_key,
+        stored,
+        raw_state,
+        stored_state,
+        cfg,
+        mode,
+    )
+    .await
+}
+
+/// Puts the stored stream and records the object from what the hashes saw.
+#[allow(clippy::too_many_arguments)]
+async fn put_and_record<R>(
+    storage: &dyn Storage,
+    key: &str,
+    record_key: &str,
+    stored: R,
+    raw_state: Arc<Mutex<HashState>>,
+    stored_state: Arc<Mutex<HashState>>,
+    cfg: &CompressionConfig,
+    mode: PutMode,
+) -> Result<ObjectRecord, PipelineError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+{
     let written = match storage.put(key, Box::pin(stored), mode).await {
         Ok(n) => n,
         // A failing source surfaces from the driver as an I/O error on our reader; say so.
@@ -540,6 +691,10 @@ pub async fn unpack_member(
 
 /// Compresses a small buffer in memory (bundle members, WAL segments).
 pub async fn compress_bytes(raw: &[u8], cfg: &CompressionConfig) -> std::io::Result<Vec<u8>> {
+    if cfg.algorithm == Algorithm::Zstd {
+        // One shot: no stream, no async hops, for a file of at most bundle-limit-kib.
+        return zstd::bulk::compress(raw, cfg.level);
+    }
     let mut enc = compress(std::io::Cursor::new(raw.to_vec()), cfg);
     let mut out = Vec::with_capacity(raw.len() / 2 + 64);
     enc.read_to_end(&mut out).await?;
@@ -644,6 +799,92 @@ mod tests {
         let p = crate::progress::Progress::bytes("test", Some(rec.raw_size));
         check(&st, "o", &rec, &p).await.unwrap();
         assert_eq!(p.position(), rec.raw_size);
+    }
+
+    /// A blocking source compressed into one-shot frames on threads reads back whole through
+    /// the verified path, with the same raw hash as the streaming upload; a failing source is
+    /// a source error, never a short object.
+    #[tokio::test]
+    async fn upload_blocking_frames_round_trip_and_fail_loudly() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = FsStorage::new(dir.path()).unwrap();
+        // Three frames and a bit, partly compressible.
+        let big: Vec<u8> = (0..(3 * FRAME + 777) as u32)
+            .map(|i| if i % 3 == 0 { (i >> 7) as u8 } else { b'x' })
+            .collect();
+        for algorithm in [Algorithm::Zstd, Algorithm::Gzip] {
+            let cfg = CompressionConfig {
+                algorithm,
+                ..CompressionConfig::default()
+            };
+            let p = crate::progress::Progress::bytes("test", None);
+            let key = format!("big-{algorithm:?}");
+            let rec = upload_blocking(
+                &st,
+                &key,
+                &key,
+                std::io::Cursor::new(big.clone()),
+                &p,
+                &cfg,
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+            let streamed = upload(
+                &st,
+                "ref",
+                "ref",
+                std::io::Cursor::new(big.clone()),
+                &cfg,
+                PutMode::Overwrite,
+            )
+            .await
+            .unwrap();
+            assert_eq!(
+                (rec.raw_size, &rec.raw_sha256),
+                (streamed.raw_size, &streamed.raw_sha256)
+            );
+            assert_eq!(p.position(), big.len() as u64);
+            let mut out = Vec::new();
+            open_verified(&st, &key, &rec)
+                .await
+                .unwrap()
+                .read_to_end(&mut out)
+                .await
+                .unwrap();
+            assert!(out == big, "{algorithm:?}: round trip differs");
+        }
+
+        struct Failing(usize);
+        impl std::io::Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("pipe broke"));
+                }
+                let n = buf.len().min(self.0);
+                self.0 -= n;
+                buf[..n].fill(7);
+                Ok(n)
+            }
+        }
+        let p = crate::progress::Progress::bytes("test", None);
+        let err = upload_blocking(
+            &st,
+            "broken",
+            "broken",
+            Failing(FRAME + 10),
+            &p,
+            &CompressionConfig::default(),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, PipelineError::Source { .. }), "{err}");
+        assert!(err.to_string().contains("pipe broke"), "{err}");
+        assert!(
+            st.head("broken").await.unwrap().is_none(),
+            "nothing published"
+        );
     }
 
     /// A source read on its own thread arrives whole and in order, and its error arrives as
