@@ -8,6 +8,7 @@
 //! one durable put.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -46,19 +47,60 @@ pub enum PushOutcome {
     AlreadyArchived,
 }
 
-/// Compresses a whole segment. zstd goes through the one-shot API on a blocking thread (no
-/// stream framing overhead, no copy); other algorithms through the streaming pipeline.
-async fn compress_all(
-    raw: std::sync::Arc<Vec<u8>>,
-    cfg: &CompressionConfig,
-) -> std::io::Result<Vec<u8>> {
+/// Compresses a whole segment. zstd goes through the one-shot API on blocking threads (no
+/// stream framing overhead, no copy), each half of the segment its own frame on its own
+/// thread: the frames concatenate into one valid zstd stream, and with the hash on a third
+/// thread the two cores share the work instead of one waiting for the other. Other
+/// algorithms go through the streaming pipeline.
+async fn compress_all(raw: Arc<WalBytes>, cfg: &CompressionConfig) -> std::io::Result<Vec<u8>> {
     if cfg.algorithm == Algorithm::Zstd {
         let level = cfg.level;
-        return tokio::task::spawn_blocking(move || zstd::bulk::compress(&raw, level))
-            .await
-            .map_err(std::io::Error::other)?;
+        let len = raw.bytes().len();
+        let half = len / 2;
+        let part = |range: std::ops::Range<usize>| {
+            let raw = raw.clone();
+            tokio::task::spawn_blocking(move || zstd::bulk::compress(&raw.bytes()[range], level))
+        };
+        if half < (1 << 20) {
+            return part(0..len).await.map_err(std::io::Error::other)?;
+        }
+        let (first, second) = (part(0..half), part(half..len));
+        let mut out = first.await.map_err(std::io::Error::other)??;
+        out.extend_from_slice(&second.await.map_err(std::io::Error::other)??);
+        return Ok(out);
     }
-    pipeline::compress_bytes(&raw, cfg).await
+    pipeline::compress_bytes(raw.bytes(), cfg).await
+}
+
+/// A WAL file's bytes: mapped from the page cache where it can be (a segment that PostgreSQL
+/// has just written is there), else read. Reading 16 MiB into a fresh buffer took 7-11 ms of
+/// a 30 ms push, most of it faulting in and zeroing the buffer's pages.
+enum WalBytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl WalBytes {
+    fn load(path: &Path) -> std::io::Result<WalBytes> {
+        let file = std::fs::File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Ok(WalBytes::Read(Vec::new()));
+        }
+        // SAFETY: PostgreSQL hands archive_command a finished segment and neither writes nor
+        // truncates it until the command has succeeded, so the mapping stays valid and
+        // unchanged while we read it.
+        match unsafe { memmap2::MmapOptions::new().populate().map(&file) } {
+            Ok(m) => Ok(WalBytes::Mapped(m)),
+            Err(_) => std::fs::read(path).map(WalBytes::Read),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            WalBytes::Mapped(m) => m,
+            WalBytes::Read(v) => v,
+        }
+    }
 }
 
 async fn decompress_all(stored: &[u8], alg: Algorithm, hint: usize) -> std::io::Result<Vec<u8>> {
@@ -85,15 +127,13 @@ pub async fn push(
         .ok_or_else(|| Error::Usage(format!("{} has no file name", path.display())))?;
     let wal = WalName::parse(name, seg_size)?;
     let key = repo.key(&wal.key(seg_size));
-    let raw = std::sync::Arc::new(
-        tokio::fs::read(path)
-            .await
-            .map_err(|e| Error::io(format!("read {}", path.display()), e))?,
+    let raw = Arc::new(
+        WalBytes::load(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?,
     );
-    // Hash and compress at once, on two threads: this is the RPO-critical path.
+    // Hash and compress at once, on three threads: this is the RPO-critical path.
     let hashing = {
         let raw = raw.clone();
-        tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(&*raw)))
+        tokio::task::spawn_blocking(move || hex::encode(Sha256::digest(raw.bytes())))
     };
     let stored = compress_all(raw.clone(), cfg)
         .await
@@ -103,7 +143,7 @@ pub async fn push(
         format: WAL_FORMAT,
         name: name.to_string(),
         compression: cfg.algorithm,
-        raw_size: raw.len() as u64,
+        raw_size: raw.bytes().len() as u64,
         raw_sha256,
         stored_size: stored.len() as u64,
         stored_sha256: hex::encode(Sha256::digest(&stored)),
