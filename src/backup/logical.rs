@@ -242,6 +242,9 @@ async fn dump_one(
         std::fs::File::from(stdout),
         progress,
         &compression,
+        // One dump at a time: let it compress on every core (pg_dump and the server get
+        // their share from the scheduler; the frames are small).
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
         PutMode::IfAbsent,
     );
     let counts = async {

@@ -480,6 +480,7 @@ async fn copy_large(
         file,
         progress,
         cfg,
+        1, // files are already copied `jobs` at a time
         PutMode::Overwrite,
     )
     .await
