@@ -78,23 +78,45 @@ impl<R: AsyncRead + Unpin, F: FnMut(&[u8]) + Unpin> AsyncRead for Inspect<R, F> 
     }
 }
 
-/// Largest chunk a [`read_on_thread`] source hands over at once.
+/// Chunk a reading thread hands over when it does not compress.
 const THREAD_CHUNK: usize = 1 << 20;
 /// Raw bytes per zstd frame when compressing on a thread (level 3 matches reach back 2 MiB).
 const FRAME: usize = 2 << 20;
 
-/// Reads a blocking source (a pipe from pg_dump, a file) on a thread of its own and hands it
-/// over in chunks of up to 1 MiB, at most four in flight. A pipe read on the async runtime
-/// returns whatever the writer last put in (often a few KiB), and each one costs a wake-up
-/// across threads; measured on a 500 MB dump that was 80,000 epoll waits and 130,000 futex
-/// calls. Here the thread blocks in read(2) and the runtime sees a few hundred large reads.
-pub fn read_on_thread<R: std::io::Read + Send + 'static>(src: R) -> ChunkReader {
-    ChunkReader::new(spawn_stage(src, THREAD_CHUNK, 4, |buf| {
-        Ok(bytes::Bytes::from(buf))
-    }))
-}
+// Blocking sources (a pipe from pg_dump, a file) are read on threads of their own. A pipe read
+// on the async runtime returns whatever the writer last put in (often a few KiB), and each one
+// costs a wake-up across threads: on a 500 MB dump that was 80,000 epoll waits and 130,000
+// futex calls. A thread blocks in read(2) instead and hands over a few hundred large chunks.
 
 type Chunks = tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>;
+
+/// Reads up to `len` bytes, fewer only at the end of the stream or on an error (returned
+/// beside what was read before it).
+fn fill(src: &mut impl std::io::Read, len: usize) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut buf = vec![0u8; len];
+    let mut n = 0;
+    let mut failed = None;
+    while n < len {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    buf.truncate(n);
+    (buf, failed)
+}
+
+/// A stream that only says why its thread could not start.
+fn failed_start(e: std::io::Error) -> Chunks {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let _ = tx.try_send(Err(e));
+    rx
+}
 
 /// Runs `stage` on each chunk of up to `chunk` bytes read from `src`, on a thread of its own,
 /// and hands the results over, at most `depth` in flight.
@@ -108,23 +130,9 @@ where
         .name("drctl-read".into())
         .spawn(move || {
             loop {
-                let mut buf = vec![0u8; chunk];
-                let mut n = 0;
-                let mut failed = None;
-                while n < buf.len() {
-                    match src.read(&mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                buf.truncate(n);
-                let last = n < chunk;
-                if n > 0 {
+                let (buf, failed) = fill(&mut src, chunk);
+                let last = buf.len() < chunk;
+                if !buf.is_empty() {
                     let out = stage(buf);
                     let stop = out.is_err();
                     if tx.blocking_send(out).is_err() || stop {
@@ -140,61 +148,13 @@ where
                 }
             }
         });
-    match spawned {
-        Ok(_) => rx,
-        Err(e) => {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let _ = tx.try_send(Err(e));
-            rx
-        }
-    }
+    spawned.map_or_else(failed_start, |_| rx)
 }
 
 fn add(state: &Mutex<HashState>, bytes: &[u8]) {
     let mut s = state.lock().unwrap();
     s.hasher.update(bytes);
     s.bytes += bytes.len() as u64;
-}
-
-/// The async end of [`read_on_thread`].
-pub struct ChunkReader {
-    rx: Option<Chunks>,
-    chunk: bytes::Bytes,
-}
-
-impl ChunkReader {
-    fn new(rx: Chunks) -> ChunkReader {
-        ChunkReader {
-            rx: Some(rx),
-            chunk: bytes::Bytes::new(),
-        }
-    }
-}
-
-impl AsyncRead for ChunkReader {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        while self.chunk.is_empty() {
-            let Some(rx) = self.rx.as_mut() else {
-                return Poll::Ready(Ok(())); // end of stream
-            };
-            match rx.poll_recv(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(b))) => self.chunk = b,
-                Poll::Ready(Some(Err(e))) => {
-                    self.rx = None;
-                    return Poll::Ready(Err(e));
-                }
-                Poll::Ready(None) => self.rx = None,
-            }
-        }
-        let n = self.chunk.len().min(buf.remaining());
-        buf.put_slice(&self.chunk.split_to(n));
-        Poll::Ready(Ok(()))
-    }
 }
 
 /// A reader that hashes and counts what passes through it.
@@ -338,10 +298,10 @@ where
         progress.inc(buf.len() as u64);
     };
     if cfg.algorithm != Algorithm::Zstd || cfg.threads > 0 {
-        let raw = ChunkReader::new(spawn_stage(src, THREAD_CHUNK, 2, move |buf| {
+        let raw = LaneReader::new(vec![spawn_stage(src, THREAD_CHUNK, 2, move |buf| {
             seen(&buf);
             Ok(bytes::Bytes::from(buf))
-        }));
+        })]);
         return upload_hashed(storage, key, record_key, raw, raw_state, cfg, mode).await;
     }
     let frames = zstd_lanes(src, lanes.max(1), cfg.level, seen);
@@ -392,14 +352,7 @@ where
                 }
             });
         if let Err(e) = spawned {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let _ = tx.try_send(Err(e));
-            return LaneReader {
-                lanes: vec![rx],
-                next: 0,
-                chunk: bytes::Bytes::new(),
-                done: false,
-            };
+            return LaneReader::new(vec![failed_start(e)]);
         }
         inputs.push(tx_in);
         outputs.push(rx_out);
@@ -409,21 +362,8 @@ where
         .spawn(move || {
             for k in 0.. {
                 let lane = &inputs[k % inputs.len()];
-                let mut buf = vec![0u8; FRAME];
-                let mut n = 0;
-                let mut failed = None;
-                while n < FRAME {
-                    match src.read(&mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(m) => n += m,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                buf.truncate(n);
+                let (buf, failed) = fill(&mut src, FRAME);
+                let n = buf.len();
                 if let Some(e) = failed {
                     // The error takes the place of this frame, after the frames before it.
                     let _ = lane.blocking_send(Err(e));
@@ -439,24 +379,28 @@ where
             }
         });
     if let Err(e) = spawned {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let _ = tx.try_send(Err(e));
-        outputs = vec![rx];
+        outputs = vec![failed_start(e)];
     }
-    LaneReader {
-        lanes: outputs,
-        next: 0,
-        chunk: bytes::Bytes::new(),
-        done: false,
-    }
+    LaneReader::new(outputs)
 }
 
-/// The async end of [`zstd_lanes`]: the lanes' frames in turn.
+/// The async end of reading threads: their chunks, taking the lanes in turn.
 pub struct LaneReader {
     lanes: Vec<Chunks>,
     next: usize,
     chunk: bytes::Bytes,
     done: bool,
+}
+
+impl LaneReader {
+    fn new(lanes: Vec<Chunks>) -> LaneReader {
+        LaneReader {
+            lanes,
+            next: 0,
+            chunk: bytes::Bytes::new(),
+            done: false,
+        }
+    }
 }
 
 impl AsyncRead for LaneReader {
@@ -1000,12 +944,17 @@ mod tests {
     /// A source read on its own thread arrives whole and in order, and its error arrives as
     /// an error, not as an early end of stream.
     #[tokio::test]
-    async fn read_on_thread_passes_everything_and_errors() {
+    async fn a_reading_thread_passes_everything_and_errors() {
+        let read_on_thread = |src: Box<dyn std::io::Read + Send>| {
+            LaneReader::new(vec![spawn_stage(src, THREAD_CHUNK, 4, |b| {
+                Ok(bytes::Bytes::from(b))
+            })])
+        };
         let big: Vec<u8> = (0..3 * THREAD_CHUNK + 12345)
             .map(|i| (i % 251) as u8)
             .collect();
         let mut out = Vec::new();
-        read_on_thread(std::io::Cursor::new(big.clone()))
+        read_on_thread(Box::new(std::io::Cursor::new(big.clone())))
             .read_to_end(&mut out)
             .await
             .unwrap();
@@ -1023,7 +972,7 @@ mod tests {
             }
         }
         let mut out = Vec::new();
-        let err = read_on_thread(Failing(100_000))
+        let err = read_on_thread(Box::new(Failing(100_000)))
             .read_to_end(&mut out)
             .await
             .unwrap_err();
