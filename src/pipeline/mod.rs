@@ -814,21 +814,41 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn flipped_byte_and_truncation_fail_the_read() {
+    /// `data()` uploaded as "o" with the default compression into a fresh fs repository.
+    async fn stored_object() -> (tempfile::TempDir, FsStorage, ObjectRecord) {
         let dir = tempfile::tempdir().unwrap();
         let st = FsStorage::new(dir.path()).unwrap();
-        let cfg = CompressionConfig::default();
         let rec = upload(
             &st,
             "o",
             "o",
             std::io::Cursor::new(data()),
-            &cfg,
+            &CompressionConfig::default(),
             PutMode::Overwrite,
         )
         .await
         .unwrap();
+        (dir, st, rec)
+    }
+
+    /// Yields this many bytes of 7s, then fails.
+    struct Failing(usize, &'static str);
+
+    impl std::io::Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other(self.1));
+            }
+            let n = buf.len().min(self.0);
+            self.0 -= n;
+            buf[..n].fill(7);
+            Ok(n)
+        }
+    }
+
+    #[tokio::test]
+    async fn flipped_byte_and_truncation_fail_the_read() {
+        let (dir, st, rec) = stored_object().await;
         let path = dir.path().join("o");
         let orig = std::fs::read(&path).unwrap();
         let mut bad = orig.clone();
@@ -908,24 +928,12 @@ mod tests {
             );
         }
 
-        struct Failing(usize);
-        impl std::io::Read for Failing {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                if self.0 == 0 {
-                    return Err(std::io::Error::other("pipe broke"));
-                }
-                let n = buf.len().min(self.0);
-                self.0 -= n;
-                buf[..n].fill(7);
-                Ok(n)
-            }
-        }
         let p = crate::progress::Progress::bytes("test", None);
         let err = upload_blocking(
             &st,
             "broken",
             "broken",
-            Failing(2 * FRAME + 10),
+            Failing(2 * FRAME + 10, "pipe broke"),
             &p,
             &CompressionConfig::default(),
             2,
@@ -960,19 +968,8 @@ mod tests {
             .unwrap();
         assert_eq!(out, big);
 
-        struct Failing(usize);
-        impl std::io::Read for Failing {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                if self.0 == 0 {
-                    return Err(std::io::Error::other("disk on fire"));
-                }
-                let n = buf.len().min(self.0);
-                self.0 -= n;
-                Ok(n)
-            }
-        }
         let mut out = Vec::new();
-        let err = read_on_thread(Box::new(Failing(100_000)))
+        let err = read_on_thread(Box::new(Failing(100_000, "disk on fire")))
             .read_to_end(&mut out)
             .await
             .unwrap_err();
@@ -984,19 +981,7 @@ mod tests {
     /// header) came out as a plain I/O error, so restore exited 1 instead of 6 (corruption).
     #[tokio::test]
     async fn a_byte_the_decompressor_rejects_is_corruption() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = FsStorage::new(dir.path()).unwrap();
-        let cfg = CompressionConfig::default();
-        let rec = upload(
-            &st,
-            "o",
-            "o",
-            std::io::Cursor::new(data()),
-            &cfg,
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+        let (dir, st, rec) = stored_object().await;
         let path = dir.path().join("o");
         let mut bad = std::fs::read(&path).unwrap();
         bad[4] ^= 0xff;
