@@ -37,23 +37,23 @@ pub fn markdown(r: &PlanReport, past: &[PlanReport]) -> String {
             None => "unproven",
         }
     );
+    let row = |indent: &str, name: &str, kind: &dyn std::fmt::Display, st, secs: f64, msg: &str| {
+        format!(
+            "| {indent}{name} | {kind} | {} | {secs:.2} | {} |\n",
+            status(st),
+            msg.replace('|', "\\|")
+        )
+    };
     for s in &r.stages {
-        o += &format!(
-            "| {} | {} | {} | {:.2} | {} |\n",
-            s.name,
-            s.kind,
-            status(&s.status),
-            s.seconds,
-            s.message.replace('|', "\\|")
-        );
+        o += &row("", &s.name, &s.kind, &s.status, s.seconds, &s.message);
         for c in &s.checks {
-            o += &format!(
-                "| &nbsp;&nbsp;{} | {} | {} | {:.2} | {} |\n",
-                c.name,
-                c.kind,
-                status(&c.status),
+            o += &row(
+                "&nbsp;&nbsp;",
+                &c.name,
+                &c.kind,
+                &c.status,
                 c.seconds,
-                c.message.replace('|', "\\|")
+                &c.message,
             );
         }
     }

@@ -436,11 +436,7 @@ async fn backup_age(c: &Check, ctx: &CheckCtx) -> Verdict {
             }
         }
     }
-    Ok(if problems.is_empty() {
-        Ok(ok.join("; "))
-    } else {
-        Err(problems.join("; "))
-    })
+    Ok(verdict(ok, problems))
 }
 
 async fn wal_continuity(ctx: &CheckCtx) -> Verdict {
@@ -543,11 +539,7 @@ fn disk_free(c: &Check, ctx: &CheckCtx) -> Verdict {
             ok.push(text);
         }
     }
-    Ok(if problems.is_empty() {
-        Ok(ok.join("; "))
-    } else {
-        Err(problems.join("; "))
-    })
+    Ok(verdict(ok, problems))
 }
 
 /// Evaluates an expectation against text rows.
@@ -888,6 +880,15 @@ async fn command(c: &Check) -> Verdict {
     } else {
         Err(format!("{msg} (expected {want})"))
     })
+}
+
+/// A check's outcome from its findings: the problems if there are any, else what was fine.
+fn verdict(ok: Vec<String>, problems: Vec<String>) -> std::result::Result<String, String> {
+    if problems.is_empty() {
+        Ok(ok.join("; "))
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 #[cfg(test)]
